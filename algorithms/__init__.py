@@ -1,0 +1,6 @@
+"""Built-in algorithms, one per module, each written only against fedsim's public API.
+
+Importing this package registers them; the registry imports it on first lookup.
+"""
+
+from . import fedavg  # noqa: F401

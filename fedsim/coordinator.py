@@ -1,0 +1,211 @@
+"""The coordinator owns a run: it builds the pieces a scenario names, drives the algorithm's rounds,
+and records curves, a summary and a plot in the run's folder.
+
+The simulation's state (clock, ledger, generators) lives in the `RunContext` passed down to the
+algorithm; no module-level state is read or written, so two runs in one process cannot interfere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import networkx as nx
+import numpy as np
+import tomli_w
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .aggregation import Aggregator, build_aggregator
+from .clock import Clock
+from .data import FederatedData, build_federated_data
+from .errors import FedsimError
+from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec
+from .history import History
+from .ledger import Ledger
+from .models import build_model
+from .params import Params
+from .plotting import plot_run
+from .scenario import RunSpec
+from .seeding import generator
+from .system import SystemModel
+from .training import Trainer, get_params
+
+
+class Flow(Protocol):
+    """What an algorithm's build function returns: a state machine advanced one round at a time."""
+
+    def step(self, round: int) -> dict[str, float]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Command-line settings that override the scenario's [system] table for this invocation."""
+
+    executor: str | None = None
+    workers: int | None = None
+    address: str | None = None
+    progress: bool = True
+
+
+class RunContext:
+    """The services an algorithm builds on: data, model, executors, clock, ledger, generators."""
+
+    def __init__(self, spec: RunSpec, options: RunOptions = RunOptions()):
+        s = spec.scenario
+        self.spec = spec
+        self.seed = s.seed
+        self.options = options
+        self.data: FederatedData = _located(lambda: build_federated_data(s.data, s.seed), spec, "data")
+        shape = self.data.feature_shape
+        self.model: nn.Module = _located(
+            lambda: build_model(s.model.name, s.model.options(), shape, self.data.num_classes, s.seed), spec, "model"
+        )
+        self.init_params: Params = get_params(self.model)
+        self.system = SystemModel.from_config(s.system, self.data.num_clients, s.seed)
+        self.clock = Clock()
+        self.ledger = Ledger(self.data.num_clients)
+        self.aggregator: Aggregator | None = None
+        if s.aggregator is not None:
+            agg = s.aggregator
+            self.aggregator = _located(lambda: build_aggregator(agg.name, agg.options()), spec, "aggregator")
+        self.graph: nx.Graph | None = None
+        if s.topology is not None:
+            from .topologies import build
+
+            topo = s.topology
+            self.graph = _located(lambda: build(topo.name, self.data.num_clients, **topo.options()), spec, "topology")
+        self._executors: list[Executor] = []
+
+    def generator(self, purpose: str, *ids: int) -> np.random.Generator:
+        return generator(self.seed, purpose, *ids)
+
+    def executor(self, trainer: Trainer) -> Executor:
+        """An executor whose workers hold this run's data and model and train with `trainer`."""
+        s = self.spec.scenario
+        spec = WorkerSpec(
+            s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
+            trainer, s.system.threads_per_worker,
+        )
+        kind = self.options.executor or s.system.executor
+        executor: Executor
+        if kind == "inline":
+            executor = InlineExecutor(self.data, spec)
+        else:
+            executor = RayExecutor(
+                self.data, spec,
+                workers=self.options.workers or s.system.workers,
+                clients_per_actor=s.system.clients_per_actor,
+                address=self.options.address or s.system.address,
+            )
+        self._executors.append(executor)
+        return executor
+
+    def close(self) -> None:
+        for executor in self._executors:
+            executor.close()
+        self._executors.clear()
+
+
+def _located(build: Any, spec: RunSpec, key: str) -> Any:
+    try:
+        return build()
+    except FedsimError as exc:
+        raise exc.located(file=spec.source, key=key) from None
+
+
+def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOptions()) -> Path:
+    """Simulate one run; returns its folder (metrics.csv, summary.json, convergence.png, scenario.toml)."""
+    s = spec.scenario
+    run_dir = Path(out) / spec.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_scenario(spec, run_dir / "scenario.toml")
+    start = time.perf_counter()
+    history = History(run_dir / "metrics.csv")
+    ctx = RunContext(spec, options)
+    try:
+        flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
+        _record(history, ctx, flow, 0, {}, start)
+        bar = tqdm(total=s.rounds, desc=spec.run_name, unit="round", disable=None if options.progress else True)
+        with bar:
+            for r in range(1, s.rounds + 1):
+                train_metrics = flow.step(r)
+                if r % s.eval_every == 0 or r == s.rounds:
+                    row = _record(history, ctx, flow, r, train_metrics, start)
+                    bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
+                bar.update(1)
+    finally:
+        ctx.close()
+    write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
+    plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
+    return run_dir
+
+
+def _record(history: History, ctx: RunContext, flow: Flow, r: int, train: dict[str, float], start: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "round": r,
+        "sim_time": ctx.clock.now,
+        "wall_time": time.perf_counter() - start,
+        **flow.evaluate(),
+        "train_loss": train.get("train_loss", float("nan")),
+        "bytes_sent": ctx.ledger.total,
+    }
+    row.update({k: v for k, v in train.items() if k not in row})
+    history.append(row)
+    return row
+
+
+def write_summary(history: History, ctx: RunContext, path: Path, wall: float) -> dict[str, Any]:
+    df = history.frame()
+    best = int(df["test_accuracy"].idxmax())
+    summary = {
+        "name": ctx.spec.run_name,
+        "rounds": int(df["round"].iloc[-1]),
+        "final_accuracy": float(df["test_accuracy"].iloc[-1]),
+        "best_accuracy": float(df["test_accuracy"].iloc[best]),
+        "best_round": int(df["round"].iloc[best]),
+        "final_loss": float(df["test_loss"].iloc[-1]),
+        "sim_time": float(ctx.clock.now),
+        "wall_time": wall,
+        **ctx.ledger.summary(),
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def write_resolved_scenario(spec: RunSpec, path: Path) -> None:
+    """The scenario as run, every default filled in, with the versions that ran it as comments."""
+    import ray
+    import torch
+
+    header = (
+        f"# resolved by fedsim {__version__} (torch {torch.__version__}, ray {ray.__version__})\n"
+        f"# from {spec.source}" + (f" with {spec.swept}" if spec.swept else "") + f"; seed {spec.scenario.seed}\n"
+    )
+    path.write_text(header + tomli_w.dumps(spec.as_dict()))
+
+
+def run_all(specs: list[RunSpec], out: str | Path = "runs", options: RunOptions = RunOptions()) -> list[Path]:
+    """Run every sweep point in turn; `OUT/runs.csv` lists each run's folder and swept values.
+
+    The index is rewritten after each run, so an interrupted sweep still lists the runs it finished.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    dirs = []
+    for spec in specs:
+        run_dir = run(spec, out, options)
+        dirs.append(run_dir)
+        rows.append({"run_dir": run_dir.name, **{k: str(v) for k, v in spec.swept.items()}})
+        if len(specs) > 1:
+            import pandas as pd
+
+            pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)
+    return dirs

@@ -1,0 +1,192 @@
+"""Ways of splitting one pooled training set among clients.
+
+Each scheme returns one int64 index array per client into the pool's training set, and every
+example lands in exactly one client (none is dropped: 'shards' makes shard sizes differ by at most
+one instead of discarding a remainder). The schemes are separate small functions of plain arrays so
+that a notebook or a test can call one without building a config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError, ScenarioError
+
+MAX_DIRICHLET_TRIES = 100
+
+
+def partition(pool: Any, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    """Split `pool`'s training set among `cfg.num_clients` clients with scheme `cfg.partition`."""
+    num_clients = int(cfg.num_clients)
+    n = int(pool.y_train.shape[0])
+    scheme = getattr(cfg, "partition", "iid")
+    min_examples = int(getattr(cfg, "min_examples", 2))
+    if num_clients < 1:
+        raise DataError(f"need at least one client, got num_clients={num_clients}")
+    if num_clients > n:
+        raise DataError(
+            f"more clients ({num_clients}) than training examples ({n}); use fewer clients"
+        )
+    if scheme == "iid":
+        parts = iid(n, num_clients, rng)
+    elif scheme == "dirichlet":
+        parts = dirichlet(pool.y_train, num_clients, float(getattr(cfg, "alpha", 0.5)),
+                          min_examples, rng)
+    elif scheme == "shards":
+        parts = shards(pool.y_train, num_clients, int(getattr(cfg, "shards_per_client", 2)), rng)
+    elif scheme == "quantity":
+        parts = quantity(n, num_clients, float(getattr(cfg, "quantity_sigma", 1.0)),
+                         min_examples, rng)
+    elif scheme == "natural":
+        parts = natural(pool.groups, num_clients)
+    else:
+        raise ScenarioError(
+            f"unknown partition '{scheme}' (known: dirichlet, iid, natural, quantity, shards)"
+        )
+    _check_min_examples(parts, min_examples, scheme)
+    return parts
+
+
+def _check_min_examples(parts: list[np.ndarray], min_examples: int, scheme: str) -> None:
+    """A client with (almost) no data breaks batching and weighting, so refuse it up front."""
+    smallest = min(p.shape[0] for p in parts)
+    if smallest < min_examples:
+        raise DataError(
+            f"partition '{scheme}' gives a client only {smallest} examples, fewer than "
+            f"min_examples={min_examples}; use fewer clients or lower min_examples"
+        )
+
+
+def iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random equal split: the baseline every non-IID result is compared against."""
+    return [np.sort(p) for p in np.array_split(rng.permutation(num_examples), num_clients)]
+
+
+def dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    min_examples: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Label skew: each class is spread over clients with proportions drawn from Dir(alpha).
+
+    As in NIID-Bench (Li et al., 2022), a client that already holds its fair share N/K gets no
+    more of later classes; without that cap a small alpha hands whole classes to a few clients
+    and leaves others empty almost every time. Draws are repeated until every client has
+    `min_examples`.
+    """
+    if alpha <= 0:
+        raise DataError(f"dirichlet alpha must be positive, got {alpha}")
+    labels = np.asarray(labels)
+    for _ in range(MAX_DIRICHLET_TRIES):
+        parts = _dirichlet_once(labels, num_clients, alpha, rng)
+        if min(p.shape[0] for p in parts) >= min_examples:
+            return parts
+    raise DataError(
+        f"dirichlet partition with alpha={alpha} left a client with fewer than "
+        f"min_examples={min_examples} examples in {MAX_DIRICHLET_TRIES} draws; "
+        f"use a larger alpha or fewer clients"
+    )
+
+
+def _dirichlet_once(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    fair_share = labels.shape[0] / num_clients
+    sizes = np.zeros(num_clients, dtype=np.int64)
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        share = rng.dirichlet(np.full(num_clients, alpha)) * (sizes < fair_share)
+        # Some client is below its fair share while examples remain, so the sum is positive,
+        # but a Dirichlet draw can underflow to all zeros on the open clients for tiny alpha.
+        total = share.sum()
+        share = share / total if total > 0 else (sizes < fair_share) / (sizes < fair_share).sum()
+        cuts = (np.cumsum(share)[:-1] * members.shape[0]).astype(np.int64)
+        for k, piece in enumerate(np.split(members, cuts)):
+            chunks[k].append(piece)
+            sizes[k] += piece.shape[0]
+    return [np.sort(np.concatenate(ch)) if ch else np.zeros(0, np.int64) for ch in chunks]
+
+
+def shards(
+    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Pathological label skew of McMahan et al. (2017): few label-sorted shards per client.
+
+    The examples are sorted by label (ties in random order) and cut into
+    num_clients * shards_per_client shards whose sizes differ by at most one, so nothing is
+    dropped. A shard covers one label when shard boundaries fall on class boundaries (balanced
+    classes and a shard size dividing the class size, as in the paper); otherwise a shard may
+    straddle two labels.
+    """
+    if shards_per_client < 1:
+        raise DataError(f"shards_per_client must be at least 1, got {shards_per_client}")
+    labels = np.asarray(labels)
+    num_shards = num_clients * shards_per_client
+    if num_shards > labels.shape[0]:
+        raise DataError(
+            f"{num_shards} shards ({num_clients} clients x {shards_per_client}) but only "
+            f"{labels.shape[0]} examples; use fewer clients or shards_per_client"
+        )
+    shuffled = rng.permutation(labels.shape[0])
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    pieces = np.array_split(by_label, num_shards)
+    owner = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in owner]
+
+
+def quantity(
+    num_examples: int,
+    num_clients: int,
+    sigma: float,
+    min_examples: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Quantity skew: IID labels, client sizes proportional to lognormal(0, sigma) draws.
+
+    Every client first gets `min_examples`; the rest is shared in proportion to the draws, with
+    rounding leftovers going to the largest fractional parts so the sizes sum exactly to N.
+    """
+    if sigma < 0:
+        raise DataError(f"quantity_sigma must be non-negative, got {sigma}")
+    base = max(min_examples, 1)
+    if base * num_clients > num_examples:
+        raise DataError(
+            f"{num_clients} clients with at least {base} examples each need "
+            f"{base * num_clients} examples, but there are {num_examples}; use fewer clients"
+        )
+    weights = rng.lognormal(0.0, sigma, size=num_clients)
+    sizes = base + _apportion(num_examples - base * num_clients, weights)
+    cuts = np.cumsum(sizes)[:-1]
+    return [np.sort(p) for p in np.split(rng.permutation(num_examples), cuts)]
+
+
+def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integers proportional to `weights` that sum exactly to `total` (largest remainder)."""
+    exact = weights / weights.sum() * total
+    sizes = np.floor(exact).astype(np.int64)
+    leftover = int(total - sizes.sum())
+    if leftover:
+        sizes[np.argsort(sizes - exact, kind="stable")[:leftover]] += 1
+    return sizes
+
+
+def natural(groups: np.ndarray | None, num_clients: int) -> list[np.ndarray]:
+    """Keep the data set's own clients (writers, generating clients): the realistic split."""
+    if groups is None:
+        raise DataError(
+            "this data set has no natural clients; choose partition iid, dirichlet, shards "
+            "or quantity"
+        )
+    ids, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    if ids.shape[0] != num_clients:
+        raise DataError(
+            f"the data set has {ids.shape[0]} natural clients but num_clients={num_clients}; "
+            f"set num_clients to {ids.shape[0]}"
+        )
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order.astype(np.int64), np.cumsum(counts)[:-1])

@@ -1,0 +1,45 @@
+"""Errors a user can fix by changing their input.
+
+Every one of them reaches the terminal as one line (`file: key: message`) with exit code 2 and no
+traceback; anything else is a bug in fedsim or a plugin and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedsimError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.key = key
+
+    def located(self, *, file: str | None = None, key: str | None = None) -> "FedsimError":
+        """Fill in where the error came from, keeping what is already known."""
+        self.file = self.file or file
+        self.key = self.key or key
+        return self
+
+    def __str__(self) -> str:
+        where = [part for part in (self.file, self.key) if part]
+        return ": ".join([*where, self.message])
+
+
+class ScenarioError(FedsimError):
+    """A scenario file or override that is malformed or out of range."""
+
+
+class UnknownNameError(FedsimError):
+    """A name (algorithm, aggregator, data set, ...) that no registry knows."""
+
+
+class DataError(FedsimError):
+    """A data file that is missing or malformed."""
+
+
+class TopologyError(FedsimError):
+    """A graph that cannot be built or does not have the property a method needs."""

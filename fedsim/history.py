@@ -1,0 +1,54 @@
+"""Convergence curves, one row per evaluation, on disk as soon as they exist.
+
+Rows are appended and flushed at every evaluation, so a run killed mid-way keeps every row it
+wrote. A row with a column the file has not seen yet rewrites the file (atomically) with the wider
+header, which happens at most a few times per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+BASE_COLUMNS = ["round", "sim_time", "wall_time", "test_accuracy", "test_loss", "train_loss", "bytes_sent"]
+
+
+class History:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = list(BASE_COLUMNS)
+        self._write_all()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        new = [key for key in row if key not in self.columns]
+        if new:
+            self.columns += new
+            self._write_all()
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(_clean(row))
+            f.flush()
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+    def _write_all(self) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(_clean(row) for row in self.rows)
+            f.flush()
+        os.replace(tmp, self.path)
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    """Floats written with repr precision so that a re-read is bit-identical."""
+    return {k: (repr(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}

@@ -1,0 +1,33 @@
+"""Communication accounting: bytes sent and received per node, and the federation's total."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SERVER = -1
+
+
+class Ledger:
+    """Counts bytes per node. Node ids are clients 0..n-1; the server, when there is one, is -1."""
+
+    def __init__(self, num_nodes: int):
+        self.sent = np.zeros(num_nodes + 1, dtype=np.int64)
+        self.received = np.zeros(num_nodes + 1, dtype=np.int64)
+
+    def transfer(self, sender: int | np.ndarray, receiver: int | np.ndarray, nbytes: int) -> None:
+        """One message of `nbytes` from each sender to each receiver (arrays broadcast)."""
+        senders, receivers = np.broadcast_arrays(np.asarray(sender), np.asarray(receiver))
+        np.add.at(self.sent, senders.ravel(), nbytes)
+        np.add.at(self.received, receivers.ravel(), nbytes)
+
+    @property
+    def total(self) -> int:
+        return int(self.sent.sum())
+
+    def summary(self) -> dict[str, float]:
+        clients = self.sent[:-1] + self.received[:-1]
+        return {
+            "total_bytes": self.total,
+            "max_bytes_per_client": int(clients.max(initial=0)),
+            "server_bytes": int(self.sent[-1] + self.received[-1]),
+        }

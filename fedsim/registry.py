@@ -1,0 +1,104 @@
+"""Name -> implementation registries for every pluggable kind.
+
+Three routes lead to one registry entry, and built-ins use the same public route as users:
+1. the decorator (`@register_aggregator("median")`) in any imported module;
+2. the entry-point group `fedsim.<kind>s` of an installed package;
+3. `"package.module:Name"` written directly in a scenario, the escape hatch that needs no install.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+from importlib import metadata
+from typing import Any, Callable, Generic, TypeVar
+
+from .errors import UnknownNameError
+
+T = TypeVar("T")
+
+_BUILTIN_MODULES = ("fedsim.algorithms", "fedsim.topologies", "fedsim.data", "fedsim.models")
+
+
+class Registry(Generic[T]):
+    """A named table of implementations of one kind (aggregator, algorithm, data set, ...)."""
+
+    def __init__(self, kind: str, plural: str):
+        self.kind = kind
+        self.plural = plural
+        self.group = f"fedsim.{plural}"
+        self._items: dict[str, T] = {}
+        self._entry_points_loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except UnknownNameError:
+            return False
+        return True
+
+    def get(self, name: str) -> T:
+        if ":" in name:
+            return _import_object(name, self.kind)
+        self._load()
+        if name in self._items:
+            return self._items[name]
+        close = difflib.get_close_matches(name, self._items, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UnknownNameError(
+            f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))}; "
+            f"or 'package.module:Name')"
+        )
+
+    def _load(self) -> None:
+        """Import the built-ins and installed plugins once, so their decorators run."""
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in metadata.entry_points(group=self.group):
+            if ep.name not in self._items:
+                self._items[ep.name] = ep.load()
+
+
+def _import_object(spec: str, kind: str) -> Any:
+    """Import `package.module:Name`, looking in the working directory too (as `python -m` would),
+    so a plugin file beside the scenario works without installing anything."""
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownNameError(f"cannot import {kind} module '{module_name}': {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UnknownNameError(f"module '{module_name}' has no {kind} '{attr}'") from None
+
+
+aggregators: Registry[Any] = Registry("aggregator", "aggregators")
+algorithms: Registry[Any] = Registry("algorithm", "algorithms")
+topologies: Registry[Any] = Registry("topology", "topologies")
+datasets: Registry[Any] = Registry("dataset", "datasets")
+models: Registry[Any] = Registry("model", "models")
+
+register_aggregator = aggregators.register
+register_algorithm = algorithms.register
+register_topology = topologies.register
+register_dataset = datasets.register
+register_model = models.register

@@ -1,0 +1,384 @@
+"""Scenario files: TOML in, a validated and fully resolved description of one or more runs out.
+
+Validation is pydantic's, with `extra="forbid"` everywhere so that a misspelt key is an error rather
+than a silently ignored setting. Plugins (algorithms, aggregators, models, topologies) bring their
+own schema: an algorithm's config class, or the type hints of a factory's keyword arguments. Every
+failure becomes one `ScenarioError` naming the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import registry
+from .errors import FedsimError, ScenarioError
+
+
+class Section(BaseModel):
+    """Base of every scenario table: strict types, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Section):
+    dataset: str = "synthetic"
+    num_clients: int = Field(32, ge=1)
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "natural"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    quantity_sigma: float = Field(1.0, ge=0)
+    min_examples: int = Field(2, ge=1)
+    samples_per_client: int = Field(200, ge=1)
+    synthetic_alpha: float = Field(0.5, ge=0)
+    synthetic_beta: float = Field(0.5, ge=0)
+    test_size: int = Field(2000, ge=1)
+    data_dir: str | None = None
+
+
+class Distribution(Section):
+    """A per-client quantity drawn once from the seed: fixed, or from a named distribution."""
+
+    dist: Literal["fixed", "uniform", "normal", "lognormal", "exponential"] = "fixed"
+    mean: float = Field(0.05, gt=0)
+    sigma: float = Field(0.0, ge=0)
+    low: float | None = Field(None, gt=0)
+    high: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Distribution":
+        if self.dist == "uniform":
+            if self.low is None or self.high is None or self.low >= self.high:
+                raise ValueError("a uniform distribution needs 0 < low < high")
+        return self
+
+
+class LinkConfig(Section):
+    bandwidth_mbps: float = Field(20.0, gt=0)
+    latency_ms: float = Field(30.0, ge=0)
+
+
+class SystemConfig(Section):
+    executor: Literal["inline", "ray"] = "ray"
+    workers: int | None = Field(None, ge=1)
+    clients_per_actor: int | None = Field(None, ge=1)
+    address: str | None = None
+    threads_per_worker: int = Field(1, ge=1)
+    compute: Distribution = Distribution()
+    link: LinkConfig = LinkConfig()
+
+
+class NamedSection(BaseModel):
+    """A table whose other keys belong to the named plugin, validated against its own schema."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    name: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TopologyConfig(NamedSection):
+    mixing: str = "metropolis_hastings"
+
+
+class Scenario(Section):
+    name: str = "run"
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1)
+    data: DataConfig = DataConfig()
+    model: NamedSection = NamedSection(name="mlp")
+    topology: TopologyConfig | None = None
+    algorithm: NamedSection = NamedSection(name="fedavg")
+    aggregator: NamedSection | None = None
+    system: SystemConfig = SystemConfig()
+    sweep: dict[str, list[Any]] | None = None
+
+
+class AlgorithmConfig(Section):
+    """Base of every algorithm's `[algorithm]` schema; subclasses add the method's settings."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What the registry stores for an algorithm: its schema and the function that builds it."""
+
+    build: Callable[..., Any]
+    config: type[AlgorithmConfig]
+    needs_topology: bool
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One fully validated run: the scenario, its parsed algorithm config and where it came from."""
+
+    scenario: Scenario
+    algorithm: AlgorithmSpec
+    algorithm_config: AlgorithmConfig
+    source: str
+    swept: dict[str, Any]
+
+    @property
+    def run_name(self) -> str:
+        if not self.swept:
+            return self.scenario.name
+        parts = [f"{key.split('.')[-1]}={_short(value)}" for key, value in self.swept.items()]
+        return f"{self.scenario.name}-" + "-".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved scenario, sweep removed: running this dict again reproduces the run."""
+        data = self.scenario.model_dump(mode="json", exclude={"sweep"}, exclude_none=True)
+        data["algorithm"] = self.algorithm_config.model_dump(mode="json", exclude_none=True)
+        return data
+
+
+def algorithm_spec(obj: Any) -> AlgorithmSpec:
+    """Turn a registered algorithm (an `AlgorithmSpec` or a build function) into its spec.
+
+    A build function declares its schema by the annotation of its first parameter, so a user's
+    algorithm needs no extra boilerplate to be validated like a built-in one.
+    """
+    if isinstance(obj, AlgorithmSpec):
+        return obj
+    if not callable(obj):
+        raise ScenarioError(f"'{obj!r}' is not an algorithm (expected a build function)")
+    params = list(inspect.signature(obj).parameters)
+    try:
+        config = typing.get_type_hints(obj).get(params[0]) if params else None
+    except NameError:
+        config = None
+    if not (isinstance(config, type) and issubclass(config, AlgorithmConfig)):
+        raise ScenarioError(f"algorithm {obj.__name__}: first parameter must be an AlgorithmConfig")
+    return AlgorithmSpec(build=obj, config=config, needs_topology=getattr(obj, "needs_topology", False))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[RunSpec]:
+    """Read, override, expand and validate a scenario file: one RunSpec per sweep point."""
+    source = str(path)
+    raw = read_toml(path)
+    for item in overrides:
+        key, value = parse_override(item, source)
+        set_dotted(raw, key, value, source)
+    return expand(raw, source)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError("file not found", file=source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"cannot read the file ({exc.__class__.__name__})", file=source) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
+
+
+def parse_override(item: str, source: str) -> tuple[str, Any]:
+    """`key.path=value`, the value read as a TOML value when it is one, else as a string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ScenarioError(f"--set expects key=value, got '{item}'", file=source)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ScenarioError("is not a table", file=source, key=".".join(parts[: i + 1]))
+        node = child
+    node[parts[-1]] = value
+
+
+def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
+    """The cartesian product of the `[sweep]` lists, each point validated on its own."""
+    sweep = raw.get("sweep")
+    if sweep is None:
+        return [validate(raw, source, {})]
+    if not isinstance(sweep, dict) or not sweep:
+        raise ScenarioError("expected a table of key = [values] with at least one key", file=source, key="sweep")
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ScenarioError("expected a non-empty list of values", file=source, key=f"sweep.{key}")
+        if key.split(".")[0] == "sweep":
+            raise ScenarioError("a sweep cannot sweep itself", file=source, key=f"sweep.{key}")
+    base = {k: v for k, v in raw.items() if k != "sweep"}
+    specs = []
+    for combo in itertools.product(*sweep.values()):
+        point = copy.deepcopy(base)
+        swept = dict(zip(sweep, combo))
+        for key, value in swept.items():
+            set_dotted(point, key, value, source)
+        specs.append(validate(point, source, swept))
+    names = [spec.run_name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ScenarioError("two sweep points give the same run name", file=source, key="sweep")
+    return specs
+
+
+def validate(raw: Mapping[str, Any], source: str, swept: dict[str, Any]) -> RunSpec:
+    scenario = _model(Scenario, raw, source, "")
+    try:
+        spec = algorithm_spec(_known(registry.algorithms, scenario.algorithm.name, "algorithm.name"))
+        algorithm_config = _model(spec.config, raw.get("algorithm", {"name": scenario.algorithm.name}), source, "algorithm.")
+        _check_plugins(scenario)
+        _check_consistency(scenario, spec, algorithm_config)
+    except FedsimError as exc:
+        raise exc.located(file=source) from None
+    return RunSpec(scenario, spec, algorithm_config, source, swept)
+
+
+def _check_plugins(scenario: Scenario) -> None:
+    _known(registry.datasets, scenario.data.dataset, "data.dataset")
+    model = _known(registry.models, scenario.model.name, "model.name")
+    check_kwargs(model, scenario.model.options(), "model")
+    if scenario.aggregator is not None:
+        factory = _known(registry.aggregators, scenario.aggregator.name, "aggregator.name")
+        check_kwargs(factory, scenario.aggregator.options(), "aggregator")
+    if scenario.topology is not None:
+        factory = _known(registry.topologies, scenario.topology.name, "topology.name")
+        check_kwargs(factory, scenario.topology.options(), "topology", skip=1)
+
+
+def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: AlgorithmConfig) -> None:
+    n = scenario.data.num_clients
+    per_round = getattr(config, "clients_per_round", None)
+    if per_round is not None and per_round > n:
+        raise ScenarioError(
+            f"expected at most data.num_clients = {n}, got {per_round}", key="algorithm.clients_per_round"
+        )
+    if spec.needs_topology and scenario.topology is None:
+        raise ScenarioError(f"algorithm '{config.name}' runs on a graph: add a [topology] table", key="topology")
+    if not spec.needs_topology and scenario.topology is not None:
+        raise ScenarioError(
+            f"algorithm '{config.name}' uses a central server: remove the [topology] table", key="topology"
+        )
+
+
+def _known(reg: registry.Registry[Any], name: str, key: str) -> Any:
+    try:
+        return reg.get(name)
+    except FedsimError as exc:
+        raise exc.located(key=key) from None
+
+
+def check_kwargs(factory: Callable[..., Any], options: Mapping[str, Any], section: str, skip: int = 0) -> None:
+    """Validate a plugin's scenario keys against the keyword parameters and hints of its factory."""
+    target = factory.__init__ if isinstance(factory, type) else factory
+    sig = inspect.signature(target)
+    params = [p for p in sig.parameters.values() if p.name != "self"][skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    hints = typing.get_type_hints(target, include_extras=True)
+    for key, value in options.items():
+        if key not in accepted:
+            known = ", ".join(sorted(accepted)) or "none"
+            raise ScenarioError(f"unknown key (accepted: {known})", key=f"{section}.{key}")
+        hint = hints.get(key)
+        if hint is not None:
+            _check_type(value, hint, f"{section}.{key}")
+
+
+def _check_type(value: Any, hint: Any, key: str) -> None:
+    from pydantic import TypeAdapter
+
+    try:
+        TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ScenarioError(f"expected {_expected(err)}, got {_clip(repr(value))}", key=key) from None
+    except Exception:  # an annotation pydantic cannot build a validator for: accept the value
+        pass
+
+
+def _model(cls: type[BaseModel], raw: Any, source: str, prefix: str) -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = prefix + ".".join(str(part) for part in err["loc"])
+        got = _clip(repr(err.get("input")))
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_field_names(cls, err["loc"][:-1]))
+            raise ScenarioError(f"unknown key (accepted: {allowed})", file=source, key=key) from None
+        if err["type"] == "missing":
+            raise ScenarioError("missing required key", file=source, key=key) from None
+        if err["type"] == "value_error":
+            raise ScenarioError(err["msg"].removeprefix("Value error, "), file=source, key=key or None) from None
+        raise ScenarioError(f"expected {_expected(err)}, got {got}", file=source, key=key) from None
+
+
+def _field_names(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys accepted by the (sub)table at `loc`, for an 'unknown key' message."""
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+_EXPECTED = {
+    "greater_than": "a value > {gt}",
+    "greater_than_equal": "a value >= {ge}",
+    "less_than": "a value < {lt}",
+    "less_than_equal": "a value <= {le}",
+    "literal_error": "one of {expected}",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "int_from_float": "an integer",
+    "too_short": "at least {min_length} item(s)",
+}
+
+
+def _expected(err: Mapping[str, Any]) -> str:
+    template = _EXPECTED.get(err["type"])
+    if template is None:
+        return err["msg"][0].lower() + err["msg"][1:]
+    return template.format(**err.get("ctx", {}))
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text.rsplit(":", 1)[-1].replace("/", "_").replace(" ", "")[:40]

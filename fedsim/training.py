@@ -1,0 +1,147 @@
+"""Client-side local training.
+
+A `Trainer` turns (params, a client's data, a job) into new params and metrics. Everything a method
+does on the client (momentum, SAM, LoRA-only updates, projections) is an option of its trainer, so
+servers and mixing never need to know how the parameters were produced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from .params import Params
+from .scenario import AlgorithmConfig
+
+
+class LocalSGDConfig(AlgorithmConfig):
+    """Local training settings shared by every method that trains with minibatch SGD."""
+
+    lr: float = Field(0.05, gt=0)
+    lr_decay: float = Field(1.0, gt=0, le=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    local_epochs: float = Field(1.0, gt=0)
+    local_steps: int | None = Field(None, ge=1)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One client's work in one round.
+
+    `row` selects the client's own model from a stacked parameter set (decentralized methods, where
+    every node has its own); None means the shared global model. `steps` overrides the trainer's
+    own step count (semi-asynchronous schedulers assign it per client).
+    """
+
+    client_id: int
+    round: int
+    row: int | None = None
+    steps: int | None = None
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    params: Params
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class Trainer(Protocol):
+    def train(
+        self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
+    ) -> tuple[Params, dict[str, float]]: ...
+
+
+@dataclass(frozen=True)
+class SGDTrainer:
+    """Minibatch SGD with optional heavy-ball momentum and weight decay (torch.optim.SGD)."""
+
+    lr: float = 0.05
+    lr_decay: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: float = 1.0
+    local_steps: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: LocalSGDConfig) -> "SGDTrainer":
+        return cls(
+            lr=cfg.lr, lr_decay=cfg.lr_decay, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
+        )
+
+    def num_steps(self, num_examples: int, job: TrainJob | None = None) -> int:
+        if job is not None and job.steps is not None:
+            return job.steps
+        if self.local_steps is not None:
+            return self.local_steps
+        return max(1, math.ceil(self.local_epochs * math.ceil(num_examples / self.batch_size)))
+
+    def train(
+        self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
+    ) -> tuple[Params, dict[str, float]]:
+        load_params(model, params)
+        model.train()
+        lr = self.lr * self.lr_decay ** (job.round - 1)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        steps = self.num_steps(len(y), job)
+        total = 0.0
+        for idx in minibatches(len(y), self.batch_size, steps, rng):
+            xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        return get_params(model), {"train_loss": total / steps, "steps": float(steps)}
+
+
+def minibatches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
+    """Indices of `steps` minibatches, walking through fresh permutations epoch after epoch."""
+    batch_size = min(batch_size, n)
+    perm = rng.permutation(n)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = rng.permutation(n), 0
+        yield perm[pos : pos + batch_size]
+        pos += batch_size
+
+
+def load_params(model: nn.Module, params: Params) -> None:
+    """Copy named tensors into the model in place (missing names keep the model's own values)."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in params:
+                tensor.copy_(params[name])
+
+
+def get_params(model: nn.Module) -> Params:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 2048) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of `params` on (x, y)."""
+    load_params(model, params)
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+        yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size]))
+        out = model(xb)
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return correct / len(y), loss / len(y)
+

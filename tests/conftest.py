@@ -1,0 +1,57 @@
+"""Shared fixtures: one Ray session for the whole test run, and small scenario files."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SMALL = """
+name = "small"
+seed = 3
+rounds = 4
+
+[data]
+dataset = "synthetic"
+num_clients = 12
+samples_per_client = 60
+test_size = 400
+
+[model]
+name = "mlp"
+hidden = [32]
+
+[algorithm]
+name = "fedavg"
+clients_per_round = 4
+lr = 0.1
+batch_size = 16
+
+[system]
+executor = "inline"
+"""
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once, in-process, dashboard off; every Ray test shares it."""
+    import ray
+
+    from fedsim.executor import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def write_scenario(tmp_path: Path):
+    """Write a scenario file from TOML text (default: a small FedAvg run) and return its path."""
+
+    def write(text: str = SMALL, name: str = "scenario.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
