@@ -33,7 +33,7 @@ from .plotting import plot_run
 from .scenario import RunSpec
 from .seeding import generator
 from .system import SystemModel
-from .training import Trainer, get_params
+from .training import Trainer, evaluate, get_params, torch_threads
 
 
 class Flow(Protocol):
@@ -106,6 +106,11 @@ class RunContext:
             )
         self._executors.append(executor)
         return executor
+
+    def evaluate(self, params: Params) -> tuple[float, float]:
+        """Test accuracy and loss of `params`, computed with the workers' fixed thread count."""
+        with torch_threads(self.spec.scenario.system.threads_per_worker):
+            return evaluate(self.model, params, self.data.x_test, self.data.y_test)
 
     def close(self) -> None:
         for executor in self._executors:

@@ -21,7 +21,7 @@ from .data import FederatedData
 from .models import build_model
 from .params import Params
 from .seeding import generator
-from .training import ClientResult, TrainJob, Trainer
+from .training import ClientResult, TrainJob, Trainer, torch_threads
 
 
 @dataclass(frozen=True)
@@ -40,25 +40,29 @@ class WorkerSpec:
 class Worker:
     """Hosts virtual clients: trains any of them on request, in the order given."""
 
-    def __init__(self, data: FederatedData, spec: WorkerSpec, set_threads: bool = True):
-        if set_threads:
-            torch.set_num_threads(spec.threads)
+    def __init__(self, data: FederatedData, spec: WorkerSpec):
         self.data = data
         self.spec = spec
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
 
     def run(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob]) -> list[ClientResult]:
-        with warnings.catch_warnings():
-            # Arrays from the object store are read-only; they are only ever copied from.
-            warnings.simplefilter("ignore", UserWarning)
-            tensors = {name: torch.from_numpy(a) for name, a in shared.items()}
+        tensors = from_numpy(shared)
         results = []
-        for job in jobs:
-            params = tensors if job.row is None else {k: v[job.row] for k, v in tensors.items()}
-            x, y = self.data.client(job.client_id)
-            rng = generator(self.spec.seed, "train", job.client_id, job.round)
-            new, metrics = self.spec.trainer.train(self.model, params, x, y, job, rng)
-            results.append(ClientResult(job.client_id, new, len(y), metrics))
+        with torch_threads(self.spec.threads):
+            for job in jobs:
+                params = tensors if job.row is None else {k: v[job.row] for k, v in tensors.items()}
+                x, y = self.data.client(job.client_id)
+                rng = generator(self.spec.seed, "train", job.client_id, job.round)
+                new, metrics = self.spec.trainer.train(self.model, params, x, y, job, rng)
+                results.append(ClientResult(job.client_id, new, len(y), metrics))
+        return results
+
+
+    def run_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob]) -> list[ClientResult]:
+        """`run` with numpy results, which Ray moves without pickling tensor storages."""
+        results = self.run(shared, jobs)
+        for result in results:
+            result.params = to_numpy(result.params)  # type: ignore[assignment]
         return results
 
 
@@ -72,12 +76,22 @@ def to_numpy(params: Params) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy() for name, t in params.items()}
 
 
+def from_numpy(arrays: dict[str, np.ndarray]) -> Params:
+    """Zero-copy tensors over arrays that may be read-only views into Ray's object store.
+
+    fedsim only ever reads such tensors (training copies them into the model, aggregation stacks
+    them), so torch's warning about non-writable arrays is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {name: torch.from_numpy(a) for name, a in arrays.items()}
+
+
 class InlineExecutor:
     """Runs every job in this process: for tests, debugging and small federations."""
 
     def __init__(self, data: FederatedData, spec: WorkerSpec):
-        # The caller's thread setting is left alone; results do not depend on it (see tests).
-        self.worker = Worker(data, spec, set_threads=False)
+        self.worker = Worker(data, spec)
 
     def train(self, shared: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
         return self.worker.run(to_numpy(shared), jobs)
@@ -146,13 +160,14 @@ class RayExecutor:
         shared_ref = ray.put(to_numpy(shared))
         groups = self._assign(jobs)
         calls = [
-            (idx, actor.run.remote(shared_ref, [jobs[i] for i in idx]))
+            (idx, actor.run_numpy.remote(shared_ref, [jobs[i] for i in idx]))
             for actor, idx in zip(self.actors, groups)
             if idx
         ]
         results: list[ClientResult | None] = [None] * len(jobs)
         for idx, ref in calls:
             for i, result in zip(idx, ray.get(ref)):
+                result.params = from_numpy(result.params)  # type: ignore[arg-type]
                 results[i] = result
         return results  # type: ignore[return-value]
 

@@ -9,7 +9,7 @@ import numpy as np
 from .aggregation import Aggregator, make_batch
 from .ledger import SERVER
 from .params import Params, clone, num_bytes
-from .training import TrainJob, Trainer, evaluate
+from .training import TrainJob, Trainer
 
 if TYPE_CHECKING:
     from .coordinator import RunContext
@@ -54,5 +54,5 @@ class ServerRounds:
         return {"train_loss": float(sum(w * m["train_loss"] for w, m in zip(weights, batch.metrics)))}
 
     def evaluate(self) -> dict[str, float]:
-        acc, loss = evaluate(self.ctx.model, self.params, self.ctx.data.x_test, self.ctx.data.y_test)
+        acc, loss = self.ctx.evaluate(self.params)
         return {"test_accuracy": acc, "test_loss": loss}

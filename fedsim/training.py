@@ -8,8 +8,9 @@ servers and mixing never need to know how the parameters were produced.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -117,6 +118,21 @@ def minibatches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
             perm, pos = rng.permutation(n), 0
         yield perm[pos : pos + batch_size]
         pos += batch_size
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Compute with exactly n intra-op threads, then restore the caller's setting.
+
+    CPU kernels split reductions by thread count, so the last bits of a result depend on it; fixing
+    it is what makes curves identical across executors, worker counts and machines.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_params(model: nn.Module, params: Params) -> None:

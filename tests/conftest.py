@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -31,6 +32,20 @@ batch_size = 16
 [system]
 executor = "inline"
 """
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run end-to-end checks marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep a plain `pytest` fast; `make test` (and so CI) passes --run-slow and runs everything."""
+    if config.getoption("--run-slow") or os.environ.get("FEDSIM_SLOW") == "1":
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from fedsim.cli import main
+from tests.conftest import SMALL
 
 
 def curves(tmp_path, path, *args) -> pd.DataFrame:
@@ -15,7 +16,8 @@ def curves(tmp_path, path, *args) -> pd.DataFrame:
 
 
 def test_identical_across_executors_and_worker_counts(ray_session, write_scenario, tmp_path):
-    path = write_scenario()
+    # six clients keep the one-actor-per-client run cheap
+    path = write_scenario(SMALL.replace("num_clients = 12", "num_clients = 6").replace("clients_per_round = 4", "clients_per_round = 3"))
     inline = curves(tmp_path, path, "--executor", "inline")
     one = curves(tmp_path, path, "--executor", "ray", "--workers", "1")
     two = curves(tmp_path, path, "--executor", "ray", "--workers", "2")

@@ -1,0 +1,123 @@
+"""Per-round cost of fedsim's Ray executor against a plain single-process PyTorch loop.
+
+The workload is the foundation issue's: 100 clients on Synthetic(0.5, 0.5), 10 per round, an MLP
+60-200-10, 200 examples per client, batch 32, one local epoch, lr 0.05. Both sides run identical
+SGD steps on identical data; the first round (actor start-up) is left out of the per-round figure.
+Prints one JSON object.
+
+    python benchmarks/round_overhead.py [--rounds 30] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedsim.coordinator import RunContext, RunOptions
+from fedsim.scenario import validate
+from fedsim.training import minibatches
+from fedsim.seeding import generator
+
+SCENARIO = {
+    "name": "round-overhead",
+    "seed": 0,
+    "rounds": 1,
+    "data": {"dataset": "synthetic", "num_clients": 100, "samples_per_client": 200},
+    "model": {"name": "mlp", "hidden": [200]},
+    "algorithm": {"name": "fedavg", "clients_per_round": 10, "batch_size": 32, "local_epochs": 1, "lr": 0.05},
+    "system": {"executor": "ray"},
+}
+
+
+def fedsim_rounds(rounds: int, workers: int, executor: str) -> list[float]:
+    spec = validate(SCENARIO, "<benchmark>", {})
+    ctx = RunContext(spec, RunOptions(executor=executor, workers=workers))
+    flow = spec.algorithm.build(spec.algorithm_config, ctx)
+    times = []
+    try:
+        for r in range(1, rounds + 1):
+            start = time.perf_counter()
+            flow.step(r)
+            times.append(time.perf_counter() - start)
+    finally:
+        ctx.close()
+    return times[1:]
+
+
+def plain_rounds(rounds: int) -> list[float]:
+    """What a researcher would write by hand: one process, clients one after another."""
+    spec = validate(SCENARIO, "<benchmark>", {})
+    ctx = RunContext(spec, RunOptions(executor="inline"))
+    data, model = ctx.data, ctx.model
+    global_state = {k: v.clone() for k, v in ctx.init_params.items()}
+    times = []
+    for r in range(1, rounds + 1):
+        start = time.perf_counter()
+        clients = np.sort(generator(0, "sample", r).choice(100, 10, replace=False))
+        states, sizes = [], []
+        for c in clients:
+            x, y = data.client(int(c))
+            model.load_state_dict(global_state)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            rng = generator(0, "train", int(c), r)
+            for idx in minibatches(len(y), 32, int(np.ceil(len(y) / 32)), rng):
+                opt.zero_grad()
+                F.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx])).backward()
+                opt.step()
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            sizes.append(len(y))
+        w = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+        global_state = {k: sum(wi * s[k] for wi, s in zip(w, states)) for k in global_state}
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def quickstart_seconds() -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "fedsim", "run", "scenarios/quickstart.toml", "--out", "/tmp/fedsim-bench-runs", "--no-progress"],
+        check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-quickstart", action="store_true")
+    args = parser.parse_args()
+
+    plain = statistics.median(plain_rounds(args.rounds))
+    inline = statistics.median(fedsim_rounds(args.rounds, args.workers, "inline"))
+    ray_ = statistics.median(fedsim_rounds(args.rounds, args.workers, "ray"))
+    result = {
+        "benchmark": "round_overhead",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",
+        "rounds_timed": args.rounds - 1,
+        "plain_loop_s_per_round": round(plain, 5),
+        "fedsim_inline_s_per_round": round(inline, 5),
+        "fedsim_ray_s_per_round": round(ray_, 5),
+        "ray_workers": args.workers,
+        "ratio_ray_to_plain": round(ray_ / plain, 3),
+        "ratio_inline_to_plain": round(inline / plain, 3),
+        "target_ratio_max": 1.3,
+    }
+    if not args.skip_quickstart:
+        result["quickstart_wall_s"] = round(quickstart_seconds(), 2)
+        result["quickstart_target_s"] = 30
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
