@@ -80,7 +80,9 @@ class RunContext:
             from .topologies import build
 
             topo = s.topology
-            self.graph = _located(lambda: build(topo.name, self.data.num_clients, **topo.options()), spec, "topology")
+            # A seed in [topology] wins; otherwise random graphs derive theirs from the run's seed.
+            options = {"seed": int(self.generator("topology").integers(2**31)), **topo.options()}
+            self.graph = _located(lambda: build(topo.name, self.data.num_clients, **options), spec, "topology")
         self._executors: list[Executor] = []
 
     def generator(self, purpose: str, *ids: int) -> np.random.Generator:

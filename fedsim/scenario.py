@@ -261,8 +261,12 @@ def _check_plugins(scenario: Scenario) -> None:
         factory = _known(registry.aggregators, scenario.aggregator.name, "aggregator.name")
         check_kwargs(factory, scenario.aggregator.options(), "aggregator")
     if scenario.topology is not None:
+        from .topologies import MIXING_RULES
+
         factory = _known(registry.topologies, scenario.topology.name, "topology.name")
         check_kwargs(factory, scenario.topology.options(), "topology", skip=1)
+        if scenario.topology.mixing not in MIXING_RULES:
+            raise ScenarioError(f"expected one of {', '.join(MIXING_RULES)}, got {scenario.topology.mixing!r}", key="topology.mixing")
 
 
 def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: AlgorithmConfig) -> None:

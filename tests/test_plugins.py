@@ -47,7 +47,7 @@ def run_with(tmp_path, write_scenario, aggregator: str) -> dict:
 
 
 def test_decorator_route(plugin_dir, write_scenario):
-    (plugin_dir / "fedsim_test_plugin_a.py").write_text(PLUGIN.format(register='register_aggregator("half_step")(HalfStep)'))
+    (plugin_dir / "fedsim_test_plugin_a.py").write_text(PLUGIN.replace("{register}", 'register_aggregator("half_step")(HalfStep)'))
     __import__("fedsim_test_plugin_a")
     try:
         assert "half_step" in registry.aggregators.names()
@@ -58,13 +58,13 @@ def test_decorator_route(plugin_dir, write_scenario):
 
 
 def test_module_path_route(plugin_dir, write_scenario):
-    (plugin_dir / "fedsim_test_plugin_b.py").write_text(PLUGIN.format(register=""))
+    (plugin_dir / "fedsim_test_plugin_b.py").write_text(PLUGIN.replace("{register}", ""))
     summary = run_with(plugin_dir, write_scenario, "fedsim_test_plugin_b:HalfStep")
     assert summary["rounds"] == 4
 
 
 def test_entry_point_route(plugin_dir, write_scenario, monkeypatch):
-    (plugin_dir / "fedsim_test_plugin_c.py").write_text(PLUGIN.format(register=""))
+    (plugin_dir / "fedsim_test_plugin_c.py").write_text(PLUGIN.replace("{register}", ""))
     dist = plugin_dir / "fedsim_test_plugin_c-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedsim-test-plugin-c\nVersion: 1.0\n")
@@ -79,7 +79,7 @@ def test_entry_point_route(plugin_dir, write_scenario, monkeypatch):
 
 
 def test_unknown_plugin_option_is_rejected(plugin_dir, write_scenario, capsys):
-    (plugin_dir / "fedsim_test_plugin_d.py").write_text(PLUGIN.format(register=""))
+    (plugin_dir / "fedsim_test_plugin_d.py").write_text(PLUGIN.replace("{register}", ""))
     path = write_scenario(SMALL + '\n[aggregator]\nname = "fedsim_test_plugin_d:HalfStep"\nstride = 2\n')
     assert main(["validate", str(path)]) == 2
     assert "aggregator.stride: unknown key (accepted: step)" in capsys.readouterr().err
@@ -91,9 +91,9 @@ def test_example_rules_conform_and_run_end_to_end(tmp_path, monkeypatch):
     check_aggregator(CoordinateMedian())
     check_aggregator(TrimmedMean(trim=0.2))
     assert main(["run", "examples/robust.toml", "--out", str(tmp_path), "--no-progress",
-                 "--set", "rounds=5", "--set", "system.executor=\"inline\""]) == 0
+                 "--set", "rounds=10", "--set", "system.executor=\"inline\""]) == 0
     df = pd.read_csv(tmp_path / "trimmed-mean" / "metrics.csv")
-    assert df["test_accuracy"].iloc[-1] > 0.3
+    assert df["test_accuracy"].iloc[-1] > df["test_accuracy"].iloc[0] + 0.15
 
 
 def test_trimmed_mean_ignores_an_outlier():
