@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fedsim.coordinator import RunContext, RunOptions
 from fedsim.scenario import validate
-from fedsim.training import minibatches
+from fedsim.training import minibatches, torch_threads
 from fedsim.seeding import generator
 
 SCENARIO = {
@@ -45,10 +45,11 @@ def fedsim_rounds(rounds: int, workers: int, executor: str) -> list[float]:
     flow = spec.algorithm.build(spec.algorithm_config, ctx)
     times = []
     try:
-        for r in range(1, rounds + 1):
-            start = time.perf_counter()
-            flow.step(r)
-            times.append(time.perf_counter() - start)
+        with torch_threads(spec.scenario.system.threads_per_worker):  # as `fedsim run` does
+            for r in range(1, rounds + 1):
+                start = time.perf_counter()
+                flow.step(r)
+                times.append(time.perf_counter() - start)
     finally:
         ctx.close()
     return times[1:]

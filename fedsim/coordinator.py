@@ -136,19 +136,23 @@ def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOption
     start = time.perf_counter()
     history = History(run_dir / "metrics.csv")
     ctx = RunContext(spec, options)
-    try:
-        flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
-        _record(history, ctx, flow, 0, {}, start)
-        bar = tqdm(total=s.rounds, desc=spec.run_name, unit="round", disable=None if options.progress else True)
-        with bar:
-            for r in range(1, s.rounds + 1):
-                train_metrics = flow.step(r)
-                if r % s.eval_every == 0 or r == s.rounds:
-                    row = _record(history, ctx, flow, r, train_metrics, start)
-                    bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
-                bar.update(1)
-    finally:
-        ctx.close()
+    # Server-side tensor work (aggregation, mixing, evaluation) runs with the fixed thread count
+    # too: idle OpenMP threads spin for a while after each op, which on a small machine steals the
+    # cores the actors are training on.
+    with torch_threads(s.system.threads_per_worker):
+        try:
+            flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
+            _record(history, ctx, flow, 0, {}, start)
+            bar = tqdm(total=s.rounds, desc=spec.run_name, unit="round", disable=None if options.progress else True)
+            with bar:
+                for r in range(1, s.rounds + 1):
+                    train_metrics = flow.step(r)
+                    if r % s.eval_every == 0 or r == s.rounds:
+                        row = _record(history, ctx, flow, r, train_metrics, start)
+                        bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
+                    bar.update(1)
+        finally:
+            ctx.close()
     write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
     plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
     return run_dir
