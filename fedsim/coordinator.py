@@ -151,6 +151,8 @@ def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOption
                         row = _record(history, ctx, flow, r, train_metrics, start)
                         bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
                     bar.update(1)
+        except FedsimError as exc:
+            raise exc.located(file=spec.source) from None
         finally:
             ctx.close()
     write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)

@@ -15,7 +15,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -88,6 +88,7 @@ class NamedSection(BaseModel):
 
 class TopologyConfig(NamedSection):
     mixing: str = "metropolis_hastings"
+    time_varying: bool = False  # draw a fresh graph every round (random factories only)
 
 
 class Scenario(Section):
@@ -105,8 +106,13 @@ class Scenario(Section):
 
 
 class AlgorithmConfig(Section):
-    """Base of every algorithm's `[algorithm]` schema; subclasses add the method's settings."""
+    """Base of every algorithm's `[algorithm]` schema; subclasses add the method's settings.
 
+    `needs_topology` tells validation whether the method runs on a graph (a `[topology]` table is
+    then required) or with a central server (the table is then an error).
+    """
+
+    needs_topology: ClassVar[bool] = False
     name: str
 
 
@@ -160,7 +166,7 @@ def algorithm_spec(obj: Any) -> AlgorithmSpec:
         config = None
     if not (isinstance(config, type) and issubclass(config, AlgorithmConfig)):
         raise ScenarioError(f"algorithm {obj.__name__}: first parameter must be an AlgorithmConfig")
-    return AlgorithmSpec(build=obj, config=config, needs_topology=getattr(obj, "needs_topology", False))
+    return AlgorithmSpec(build=obj, config=config, needs_topology=config.needs_topology)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ class SGDTrainer:
     batch_size: int = 32
     local_epochs: float = 1.0
     local_steps: int | None = None
+    sam_rho: float = 0.0  # > 0: sharpness-aware steps (Foret et al., 2021) with this radius
 
     @classmethod
     def from_config(cls, cfg: LocalSGDConfig) -> "SGDTrainer":
@@ -98,14 +99,39 @@ class SGDTrainer:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         steps = self.num_steps(len(y), job)
         total = 0.0
+        trainable = [p for p in model.parameters() if p.requires_grad]
         for idx in minibatches(len(y), self.batch_size, steps, rng):
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
+            if self.sam_rho > 0:
+                sam_gradient(trainable, lambda: F.cross_entropy(model(xb), yb), self.sam_rho)
             opt.step()
             total += float(loss.detach())
         return get_params(model), {"train_loss": total / steps, "steps": float(steps)}
+
+
+def sam_gradient(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], rho: float) -> None:
+    """Replace each `p.grad` (the gradient at w) by the gradient at w + rho * g / ||g||.
+
+    The norm is taken over all parameters together and the second gradient uses the same
+    minibatch (`loss_fn` re-evaluates it), as in SAM and DFedSAM; the weights are restored before
+    the base optimiser steps, so momentum and weight decay apply to the sharpness-aware gradient.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = rho / (norm + 1e-12)
+    with torch.no_grad():
+        perturbations = [g * scale for g in grads]
+        for p, e in zip(params, perturbations):
+            p.add_(e)
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    with torch.no_grad():
+        for p, e in zip(params, perturbations):
+            p.sub_(e)
 
 
 def minibatches(n: int, batch_size: int, steps: int, rng: np.random.Generator):

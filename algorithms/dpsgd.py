@@ -1,0 +1,22 @@
+"""D-PSGD (Lian et al., NeurIPS 2017): one local SGD step, then one gossip step, every round.
+
+The baseline that DFedSAM and MoDeST compare against: decentralized SGD where each node averages
+with its neighbours after every step.
+"""
+
+from __future__ import annotations
+
+from fedsim import RunContext, SGDTrainer, register_algorithm
+from fedsim.decentralized import DecentralizedConfig, GraphRounds
+
+
+class DPSGDConfig(DecentralizedConfig):
+    local_steps: int | None = 1
+
+
+@register_algorithm("dpsgd")
+def dpsgd(cfg: DPSGDConfig, ctx: RunContext) -> GraphRounds:
+    return GraphRounds(
+        ctx, trainer=SGDTrainer.from_config(cfg), gossip_steps=cfg.gossip_steps, init=cfg.init,
+        eval_nodes=cfg.eval_nodes, purpose="dpsgd (gossip averaging)",
+    )

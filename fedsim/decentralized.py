@@ -1,0 +1,176 @@
+"""Decentralized learning on a graph: every node keeps its own model, and there is no global one.
+
+Node models are stacked along dim 0 (`X[name]` has shape `(num_nodes, *shape)`), so a gossip step
+`X <- W X` is one sparse matrix product per tensor, never a loop over edges, and one `ray.put` of
+the stack per round serves every node's training job.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Literal
+
+import networkx as nx
+import numpy as np
+import torch
+from pydantic import Field
+
+from .errors import TopologyError
+from .models import build_model
+from .params import Params, stack
+from .registry import topologies
+from .training import LocalSGDConfig, TrainJob, Trainer, evaluate, get_params
+
+if TYPE_CHECKING:
+    from .coordinator import RunContext
+
+
+class DecentralizedConfig(LocalSGDConfig):
+    """Settings every graph-based method shares."""
+
+    needs_topology = True
+    gossip_steps: int = Field(1, ge=1)
+    init: Literal["shared", "independent"] = "shared"
+    eval_nodes: int = Field(16, ge=1)
+
+
+def initial_nodes(ctx: "RunContext", init: str) -> Params:
+    """All nodes from one initialisation ("shared"), or each from its own seed ("independent")."""
+    n = ctx.data.num_clients
+    if init == "shared":
+        return {k: v.unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in ctx.init_params.items()}
+    s = ctx.spec.scenario
+    seeds = ctx.generator("init.nodes").integers(2**31, size=n)
+    models = [
+        get_params(build_model(s.model.name, s.model.options(), ctx.data.feature_shape, ctx.data.num_classes, int(seed)))
+        for seed in seeds
+    ]
+    return stack(models)
+
+
+def mixing_operator(G: nx.Graph, rule: str) -> torch.Tensor:
+    """The gossip matrix as a sparse float32 tensor: O(edges) memory, whatever the node count."""
+    from .topologies import sparse_mixing
+
+    return sparse_mixing(G, rule).to(torch.float32).coalesce()
+
+
+def mix(W: torch.Tensor, X: Params) -> Params:
+    """One gossip step: every node replaces its model by the W-weighted sum of its neighbours'."""
+    out = {}
+    for name, t in X.items():
+        if not t.is_floating_point():
+            out[name] = t
+            continue
+        flat = t.reshape(t.shape[0], -1)
+        out[name] = torch.sparse.mm(W, flat).reshape(t.shape)
+    return out
+
+
+def directed_edges(G: nx.Graph) -> tuple[np.ndarray, np.ndarray]:
+    """Both directions of every edge: one message each way per gossip step."""
+    edges = np.asarray(G.edges(), dtype=np.int64).reshape(-1, 2)
+    return np.concatenate([edges[:, 0], edges[:, 1]]), np.concatenate([edges[:, 1], edges[:, 0]])
+
+
+def consensus_distance(X: Params) -> float:
+    """mean_i ||x_i - x_bar||^2 over all parameters: how far the nodes are from agreeing."""
+    total = 0.0
+    for t in X.values():
+        if t.is_floating_point():
+            flat = t.reshape(t.shape[0], -1).double()
+            total += float(((flat - flat.mean(0)) ** 2).sum(1).mean())
+    return total
+
+
+def layer_variance(X: Params, rows: np.ndarray) -> float:
+    """Mean over the chosen nodes and their weight tensors of each tensor's variance."""
+    values = [
+        t[rows].reshape(len(rows), -1).var(dim=1).mean()
+        for name, t in X.items()
+        if t.is_floating_point() and t[0].numel() > 1
+    ]
+    return float(torch.stack(values).mean())
+
+
+class NodeEvaluator:
+    """Test metrics of a stack of node models: per-node accuracy on a fixed seeded sample of
+    nodes (all nodes when there are few), the accuracy of the averaged model, consensus distance."""
+
+    def __init__(self, ctx: "RunContext", eval_nodes: int):
+        self.ctx = ctx
+        n = ctx.data.num_clients
+        rows = np.arange(n) if n <= eval_nodes else ctx.generator("eval.nodes").choice(n, eval_nodes, replace=False)
+        self.rows = np.sort(rows)
+
+    def __call__(self, X: Params) -> dict[str, float]:
+        accs, losses = zip(*(self.ctx.evaluate({k: v[int(r)] for k, v in X.items()}) for r in self.rows))
+        average = {k: (v.mean(0) if v.is_floating_point() else v[0]) for k, v in X.items()}
+        avg_acc, avg_loss = self.ctx.evaluate(average)
+        return {
+            "test_accuracy": float(np.mean(accs)),
+            "test_loss": float(np.mean(losses)),
+            "min_node_accuracy": float(np.min(accs)),
+            "max_node_accuracy": float(np.max(accs)),
+            "avg_model_accuracy": avg_acc,
+            "avg_model_loss": avg_loss,
+            "consensus_distance": consensus_distance(X),
+        }
+
+
+class GraphRounds:
+    """Synchronous decentralized rounds (D-PSGD, DFedAvg(M), DFedSAM, DFedSAM-MGS).
+
+    Every node trains from its own model, then the nodes run `gossip_steps` mixing steps
+    X <- W X with the graph's mixing matrix. A round lasts, in simulated time, until the slowest
+    node has trained, plus one slowest-link transfer per gossip step. With `time_varying`, a fresh
+    graph is drawn every round from the topology's factory with a seed derived from the round.
+    """
+
+    def __init__(self, ctx: "RunContext", *, trainer: Trainer, gossip_steps: int, init: str, eval_nodes: int, purpose: str):
+        if ctx.graph is None:
+            raise TopologyError("this method runs on a graph: add a [topology] table", key="topology")
+        self.ctx = ctx
+        self.purpose = purpose
+        self.topology = ctx.spec.scenario.topology
+        self.executor = ctx.executor(trainer)
+        self.gossip_steps = gossip_steps
+        self.X = initial_nodes(ctx, init)
+        self.evaluator = NodeEvaluator(ctx, eval_nodes)
+        if self.topology.time_varying and "seed" not in inspect.signature(topologies.get(self.topology.name)).parameters:
+            raise TopologyError(f"'{self.topology.name}' is not random, so it cannot vary over time", key="topology.time_varying")
+        self._set_graph(ctx.graph)
+
+    def _set_graph(self, G: nx.Graph) -> None:
+        from .topologies import require_connected
+
+        try:
+            require_connected(G, self.purpose)
+        except TopologyError as exc:
+            raise exc.located(key="topology") from None
+        self.graph = G
+        self.W = mixing_operator(G, self.topology.mixing)
+        self.senders, self.receivers = directed_edges(G)
+
+    def graph_for(self, round: int) -> nx.Graph:
+        options = {**self.topology.options(), "seed": int(self.ctx.generator("topology", round).integers(2**31))}
+        return topologies.get(self.topology.name)(self.ctx.data.num_clients, **options)
+
+    def step(self, round: int) -> dict[str, float]:
+        if self.topology.time_varying:
+            self._set_graph(self.graph_for(round))
+        n = self.ctx.data.num_clients
+        results = self.executor.train(self.X, [TrainJob(i, round, row=i) for i in range(n)])
+        self.X = stack([r.params for r in results])
+        nbytes = sum(t[0].numel() * t.element_size() for t in self.X.values())
+        for _ in range(self.gossip_steps):
+            self.X = mix(self.W, self.X)
+            self.ctx.ledger.transfer(self.senders, self.receivers, nbytes)
+        system = self.ctx.system
+        compute = max(int(r.metrics["steps"]) * system.step_time[r.client_id] for r in results)
+        slowest_link = float((system.latency[self.senders] + nbytes / system.bandwidth[self.senders]).max(initial=0.0))
+        self.ctx.clock.advance_to(self.ctx.clock.now + float(compute) + self.gossip_steps * slowest_link)
+        return {"train_loss": float(np.mean([r.metrics["train_loss"] for r in results]))}
+
+    def evaluate(self) -> dict[str, float]:
+        return self.evaluator(self.X)
