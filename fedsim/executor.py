@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -57,6 +58,10 @@ class Worker:
                 results.append(ClientResult(job.client_id, new, len(y), metrics))
         return results
 
+
+    def pid(self) -> int:
+        """The hosting process's id: to measure its memory, or to kill it in fault tests."""
+        return os.getpid()
 
     def run_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob]) -> list[ClientResult]:
         """`run` with numpy results, which Ray moves without pickling tensor storages."""

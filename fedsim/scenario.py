@@ -139,7 +139,7 @@ class RunSpec:
     def run_name(self) -> str:
         if not self.swept:
             return self.scenario.name
-        parts = [f"{key.split('.')[-1]}={_short(value)}" for key, value in self.swept.items()]
+        parts = [f"{_label(key)}={_short(value)}" for key, value in self.swept.items()]
         return f"{self.scenario.name}-" + "-".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -197,22 +197,31 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
 
 
-def parse_override(item: str, source: str) -> tuple[str, Any]:
-    """`key.path=value`, the value read as a TOML value when it is one, else as a string."""
+def parse_override(item: str, source: str) -> tuple[list[str], Any]:
+    """`key.path=value`: the key in TOML's dotted-key syntax (quoted parts allowed, as in
+    `sweep."topology.name"=[...]`); the value read as TOML when it is one, else as a bare string
+    (`--set topology.name=ring`)."""
     key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
+    try:
+        node: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        raise ScenarioError(f"--set expects key=value with a TOML key, got '{item}'", file=source) from None
+    if not sep:
         raise ScenarioError(f"--set expects key=value, got '{item}'", file=source)
+    path: list[str] = []
+    while isinstance(node, dict):
+        ((part, node),) = node.items()
+        path.append(part)
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
-    return key, value
+    return path, value
 
 
-def set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+def set_dotted(raw: dict[str, Any], key: str | list[str], value: Any, source: str) -> None:
+    parts = key.split(".") if isinstance(key, str) else key
     node = raw
-    parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -385,10 +394,16 @@ def _expected(err: Mapping[str, Any]) -> str:
     return template.format(**err.get("ctx", {}))
 
 
+def _label(key: str) -> str:
+    """`algorithm.lr` -> `lr`, but `algorithm.name` -> `algorithm`: short and unambiguous."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
 def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    text = "-".join(map(str, value.values())) if isinstance(value, dict) else str(value)
     return text.rsplit(":", 1)[-1].replace("/", "_").replace(" ", "")[:40]

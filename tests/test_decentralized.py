@@ -202,7 +202,7 @@ def test_every_decentralized_method_runs_on_ray_and_matches_inline(ray_session, 
     assert main(["run", str(path), "--out", str(tmp_path / "ray"), "--no-progress", "--executor", "ray"]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "inline"), "--no-progress", "--executor", "inline"]) == 0
     for name in algorithms:
-        ray_df = pd.read_csv(tmp_path / "ray" / f"dec-name={name}" / "metrics.csv").drop(columns="wall_time")
-        inline_df = pd.read_csv(tmp_path / "inline" / f"dec-name={name}" / "metrics.csv").drop(columns="wall_time")
+        ray_df = pd.read_csv(tmp_path / "ray" / f"dec-algorithm={name}" / "metrics.csv").drop(columns="wall_time")
+        inline_df = pd.read_csv(tmp_path / "inline" / f"dec-algorithm={name}" / "metrics.csv").drop(columns="wall_time")
         pd.testing.assert_frame_equal(ray_df, inline_df, check_exact=True)
         assert ray_df["test_accuracy"].iloc[-1] > ray_df["test_accuracy"].iloc[0], name
