@@ -31,6 +31,7 @@ class WeightedMean:
 
 class FedAvgConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
+    deadline: float | None = Field(None, gt=0)  # simulated seconds; late clients are dropped
 
 
 @register_algorithm("fedavg")
@@ -40,4 +41,5 @@ def fedavg(cfg: FedAvgConfig, ctx: RunContext) -> ServerRounds:
         trainer=SGDTrainer.from_config(cfg),
         aggregator=ctx.aggregator or WeightedMean(),
         clients_per_round=cfg.clients_per_round,
+        deadline=cfg.deadline,
     )

@@ -71,6 +71,7 @@ class RunContext:
         self.system = SystemModel.from_config(s.system, self.data.num_clients, s.seed)
         self.clock = Clock()
         self.ledger = Ledger(self.data.num_clients)
+        self.busy = np.zeros(self.data.num_clients)  # simulated seconds each client spent on jobs
         self.aggregator: Aggregator | None = None
         if s.aggregator is not None:
             agg = s.aggregator
@@ -188,6 +189,10 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         "wall_time": wall,
         **ctx.ledger.summary(),
     }
+    if ctx.clock.now > 0:
+        idle = 1.0 - np.minimum(ctx.busy / ctx.clock.now, 1.0)
+        summary["mean_idle_fraction"] = float(idle.mean())
+        summary["client_idle_fraction"] = [round(float(x), 4) for x in idle]
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

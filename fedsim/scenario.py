@@ -15,7 +15,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -62,8 +62,10 @@ class Distribution(Section):
 
 
 class LinkConfig(Section):
-    bandwidth_mbps: float = Field(20.0, gt=0)
-    latency_ms: float = Field(30.0, ge=0)
+    """Per-client link: a number for every client, or a distribution drawn once per client."""
+
+    bandwidth_mbps: Annotated[float, Field(gt=0)] | Distribution = 20.0
+    latency_ms: Annotated[float, Field(ge=0)] | Distribution = 30.0
 
 
 class SystemConfig(Section):
@@ -72,7 +74,9 @@ class SystemConfig(Section):
     clients_per_actor: int | None = Field(None, ge=1)
     address: str | None = None
     threads_per_worker: int = Field(1, ge=1)
-    compute: Distribution = Distribution()
+    compute: Annotated[float, Field(gt=0)] | Distribution = Distribution()
+    compute_jitter: float = Field(0.0, ge=0)  # lognormal sigma of a per-job slow-down or speed-up
+    trace: str | None = None  # CSV: client, step_time[, bandwidth_mbps, latency_ms]; overrides draws
     link: LinkConfig = LinkConfig()
 
 
@@ -230,6 +234,19 @@ def set_dotted(raw: dict[str, Any], key: str | list[str], value: Any, source: st
     node[parts[-1]] = value
 
 
+def merge_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Like `set_dotted`, but a table merges into the table already there: a sweep over
+    `algorithm = [{name = "fedavg"}, {name = "fedcompass", q_max = 50}]` keeps the shared keys of
+    the file's [algorithm] table and adds each point's own."""
+    parts = key.split(".")
+    node: Any = raw
+    for part in parts:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(value, dict) and isinstance(node, dict):
+        value = {**node, **value}
+    set_dotted(raw, key, value, source)
+
+
 def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
     """The cartesian product of the `[sweep]` lists, each point validated on its own."""
     sweep = raw.get("sweep")
@@ -248,7 +265,7 @@ def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
         point = copy.deepcopy(base)
         swept = dict(zip(sweep, combo))
         for key, value in swept.items():
-            set_dotted(point, key, value, source)
+            merge_dotted(point, key, value, source)
         specs.append(validate(point, source, swept))
     names = [spec.run_name for spec in specs]
     if len(set(names)) != len(names):
@@ -405,5 +422,8 @@ def _clip(text: str, limit: int = 60) -> str:
 
 
 def _short(value: Any) -> str:
-    text = "-".join(map(str, value.values())) if isinstance(value, dict) else str(value)
+    if isinstance(value, dict):
+        text = str(value["name"]) if "name" in value else "-".join(map(str, value.values()))
+    else:
+        text = str(value)
     return text.rsplit(":", 1)[-1].replace("/", "_").replace(" ", "")[:40]

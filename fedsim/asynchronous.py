@@ -1,0 +1,164 @@
+"""Event-driven servers: clients train at their own simulated speed, updates arrive out of step.
+
+The server holds one global model with a version counter. A client is dispatched with the current
+model and a number of local steps; it finishes after its download, compute and upload times and
+its update is applied when it arrives, in simulated-time order (ties in dispatch order). Real
+training happens lazily in batches (`JobPool`), so Ray may finish work in any order without
+changing a single number. Methods (FedAsync, FedBuff, FedCompass) subclass `AsyncServer` and
+decide what an arrival does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from .clock import EventQueue
+from .jobs import JobPool
+from .ledger import SERVER
+from .params import Params, clone, num_bytes, stack, weighted_sum
+from .training import ClientResult, LocalSGDConfig, TrainJob, Trainer
+
+if TYPE_CHECKING:
+    from .coordinator import RunContext
+
+
+class AsyncConfig(LocalSGDConfig):
+    """Settings every event-driven server method shares."""
+
+    staleness: Literal["polynomial", "hinge", "constant"] = "polynomial"
+    staleness_a: float = Field(0.5, ge=0)
+    staleness_b: float = Field(4.0, ge=0)  # hinge: no discount up to this staleness
+    weights: Literal["equal", "examples"] = "equal"
+    round_seconds: float | None = Field(None, gt=0)  # simulated seconds per recorded round
+
+
+def staleness_weight(tau: int | np.ndarray, kind: str = "polynomial", a: float = 0.5, b: float = 4.0) -> Any:
+    """s(tau): how much an update computed `tau` versions ago still counts.
+
+    polynomial: (tau + 1)^(-a) (the later APPFL form; one public FedCompass snapshot has the sign
+    flipped); hinge: 1 up to b, then 1 / (a (tau - b) + 1); constant: 1.
+    """
+    tau = np.asarray(tau, dtype=np.float64)
+    if kind == "polynomial":
+        out = (tau + 1.0) ** (-a)
+    elif kind == "hinge":
+        out = 1.0 / (a * np.maximum(tau - b, 0.0) + 1.0)
+    else:
+        out = np.ones_like(tau)
+    return float(out) if out.ndim == 0 else out
+
+
+@dataclass
+class Arrival:
+    """A finished job as the server sees it."""
+
+    client: int
+    result: ClientResult
+    start_params: Params
+    version: int  # the global version the client started from
+    steps: int
+    sent_at: float
+
+    @property
+    def delta(self) -> Params:
+        """w_start - w_end: the client's update, as FedBuff and FedCompass send it."""
+        return {k: self.start_params[k] - v for k, v in self.result.params.items()}
+
+
+class AsyncServer:
+    def __init__(self, ctx: "RunContext", cfg: AsyncConfig, trainer: Trainer, default_round_seconds: float):
+        self.ctx = ctx
+        self.cfg = cfg
+        self.trainer = trainer
+        self.jobs = JobPool(ctx.executor(trainer))
+        self.queue = EventQueue()
+        self.params: Params = clone(ctx.init_params)
+        self.version = 0
+        self.nbytes = num_bytes(self.params)
+        n = ctx.data.num_clients
+        self.jobs_started = np.zeros(n, dtype=np.int64)
+        sizes = ctx.data.num_examples().astype(np.float64)
+        self.p = np.full(n, 1.0 / n) if cfg.weights == "equal" else sizes / sizes.sum()
+        self.round_seconds = cfg.round_seconds or default_round_seconds
+        self._pending: dict[tuple[int, int], Arrival] = {}
+        self.applied_staleness: list[int] = []
+        self.losses: list[float] = []
+
+    # --- what subclasses call ------------------------------------------------------------
+
+    def dispatch(self, client: int, now: float, steps: int) -> float:
+        """Send the current model to `client` for `steps` local steps; returns its arrival time."""
+        k = int(self.jobs_started[client])
+        self.jobs_started[client] += 1
+        start = clone(self.params)
+        self.jobs.start((client, k), TrainJob(client, k + 1, steps=steps), start)
+        duration = self.ctx.system.job_time(client, steps, self.nbytes, self.nbytes, job=k)
+        self.ctx.busy[client] += duration
+        self.ctx.ledger.transfer(SERVER, client, self.nbytes)
+        self._pending[(client, k)] = Arrival(client, None, start, self.version, steps, now)  # type: ignore[arg-type]
+        self.queue.push(now + duration, "arrival", (client, k))
+        return now + duration
+
+    def apply(self, updates: list[Params], coefficients: np.ndarray, *, subtract: bool) -> None:
+        """w <- w -/+ sum_j c_j u_j (one stacked weighted sum per tensor), and bump the version."""
+        total = weighted_sum(stack(updates), torch.as_tensor(coefficients, dtype=torch.float64))
+        for name, t in self.params.items():
+            if t.is_floating_point():
+                self.params[name] = t - total[name] if subtract else t + total[name]
+        self.version += 1
+
+    def weight(self, tau: int) -> float:
+        return staleness_weight(tau, self.cfg.staleness, self.cfg.staleness_a, self.cfg.staleness_b)
+
+    # --- what subclasses define ----------------------------------------------------------
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def on_arrival(self, arrival: Arrival, now: float) -> None:
+        raise NotImplementedError
+
+    def on_timer(self, payload: Any, now: float) -> None:
+        pass
+
+    def round_metrics(self) -> dict[str, float]:
+        return {}
+
+    # --- the flow protocol ---------------------------------------------------------------
+
+    def step(self, round: int) -> dict[str, float]:
+        if round == 1:
+            self.start()
+        horizon = round * self.round_seconds
+        self.applied_staleness, self.losses = [], []
+        while self.queue and self.queue.peek().time <= horizon:
+            event = self.queue.pop()
+            self.ctx.clock.advance_to(event.time)
+            if event.kind == "arrival":
+                arrival = self._pending.pop(event.payload)
+                arrival.result = self.jobs.result(event.payload)
+                self.ctx.ledger.transfer(arrival.client, SERVER, self.nbytes)
+                self.losses.append(arrival.result.metrics["train_loss"])
+                self.on_arrival(arrival, event.time)
+            else:
+                self.on_timer(event.payload, event.time)
+        self.ctx.clock.advance_to(horizon)
+        stale = self.applied_staleness
+        return {
+            "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "updates_applied": float(len(stale)),
+            "mean_staleness": float(np.mean(stale)) if stale else float("nan"),
+            "max_staleness": float(np.max(stale)) if stale else float("nan"),
+            "version": float(self.version),
+            **self.round_metrics(),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        acc, loss = self.ctx.evaluate(self.params)
+        return {"test_accuracy": acc, "test_loss": loss}
+
