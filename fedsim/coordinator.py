@@ -148,10 +148,13 @@ def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOption
             with bar:
                 for r in range(1, s.rounds + 1):
                     train_metrics = flow.step(r)
-                    if r % s.eval_every == 0 or r == s.rounds:
+                    out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
+                    if r % s.eval_every == 0 or r == s.rounds or out_of_time:
                         row = _record(history, ctx, flow, r, train_metrics, start)
                         bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
                     bar.update(1)
+                    if out_of_time:
+                        break
         except FedsimError as exc:
             raise exc.located(file=spec.source) from None
         finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -20,7 +19,7 @@ import torch
 
 from .data import FederatedData
 from .models import build_model
-from .params import Params
+from .params import Params, from_numpy, to_numpy  # noqa: F401  (re-exported)
 from .seeding import generator
 from .training import ClientResult, TrainJob, Trainer, torch_threads
 
@@ -75,21 +74,6 @@ class Executor(Protocol):
     def train(self, shared: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]: ...
 
     def close(self) -> None: ...
-
-
-def to_numpy(params: Params) -> dict[str, np.ndarray]:
-    return {name: t.detach().cpu().numpy() for name, t in params.items()}
-
-
-def from_numpy(arrays: dict[str, np.ndarray]) -> Params:
-    """Zero-copy tensors over arrays that may be read-only views into Ray's object store.
-
-    fedsim only ever reads such tensors (training copies them into the model, aggregation stacks
-    them), so torch's warning about non-writable arrays is silenced here.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return {name: torch.from_numpy(a) for name, a in arrays.items()}
 
 
 class InlineExecutor:

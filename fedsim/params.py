@@ -8,7 +8,10 @@ dimension so that an aggregation rule is one vectorised expression over dim 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from typing import Any, Mapping
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -77,3 +80,15 @@ def num_parameters(params: Mapping[str, Tensor]) -> int:
 
 def is_finite(params: Mapping[str, Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in params.values() if t.is_floating_point())
+
+
+def to_numpy(params: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    return {name: t.detach().cpu().numpy() for name, t in params.items()}
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray]) -> Params:
+    """Zero-copy tensors over arrays that may be read-only (views into Ray's object store, cached
+    data sets). fedsim only reads such tensors, so torch's warning about them is silenced here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {name: torch.from_numpy(a) for name, a in arrays.items()}

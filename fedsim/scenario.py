@@ -100,6 +100,7 @@ class Scenario(Section):
     seed: int = Field(0, ge=0)
     rounds: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=1)
+    sim_time_budget: float | None = Field(None, gt=0)  # stop once simulated time reaches this
     data: DataConfig = DataConfig()
     model: NamedSection = NamedSection(name="mlp")
     topology: TopologyConfig | None = None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .params import Params
+from .params import Params, from_numpy
 from .scenario import AlgorithmConfig
 
 
@@ -180,8 +180,9 @@ def evaluate(model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, bat
     model.eval()
     correct, loss = 0, 0.0
     for start in range(0, len(y), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
-        yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size]))
+        batch = from_numpy({"x": np.ascontiguousarray(x[start : start + batch_size]),
+                            "y": np.ascontiguousarray(y[start : start + batch_size])})
+        xb, yb = batch["x"], batch["y"]
         out = model(xb)
         loss += float(F.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
