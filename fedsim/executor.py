@@ -19,7 +19,7 @@ import torch
 
 from .data import FederatedData
 from .models import build_model
-from .params import Params, from_numpy, to_numpy  # noqa: F401  (re-exported)
+from .params import Params, from_numpy, to_numpy
 from .seeding import generator
 from .training import ClientResult, TrainJob, Trainer, torch_threads
 
