@@ -20,14 +20,16 @@ class Aggregator(Protocol):
 
 
 def make_batch(results: Sequence[ClientResult], staleness: Sequence[int] | None = None) -> UpdateBatch:
-    """Stack a cohort's results in the order given."""
+    """Stack a cohort's results in the order given; `extras[key]` lists each client's payload."""
     n = len(results)
+    extra_keys = sorted({k for r in results for k in r.extras})
     return UpdateBatch(
-        params=stack([r.params for r in results]),
+        params=stack([r.params for r in results]) if results[0].params else {},
         num_examples=torch.tensor([r.num_examples for r in results], dtype=torch.int64),
         client_ids=torch.tensor([r.client_id for r in results], dtype=torch.int64),
         staleness=torch.tensor(staleness if staleness is not None else [0] * n, dtype=torch.int64),
         metrics=[dict(r.metrics) for r in results],
+        extras={k: [r.extras.get(k) for r in results] for k in extra_keys},
     )
 
 

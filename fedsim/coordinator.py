@@ -24,6 +24,7 @@ from .aggregation import Aggregator, build_aggregator
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .errors import FedsimError
+from .failures import FailureModel
 from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec
 from .history import History
 from .ledger import Ledger
@@ -72,6 +73,7 @@ class RunContext:
         self.clock = Clock()
         self.ledger = Ledger(self.data.num_clients)
         self.busy = np.zeros(self.data.num_clients)  # simulated seconds each client spent on jobs
+        self.failures = FailureModel(s.system.failures, self.data.num_clients, s.seed)
         self.aggregator: Aggregator | None = None
         if s.aggregator is not None:
             agg = s.aggregator
@@ -191,6 +193,7 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         "sim_time": float(ctx.clock.now),
         "wall_time": wall,
         **ctx.ledger.summary(),
+        **(ctx.failures.summary() if ctx.failures.active else {}),
     }
     if ctx.clock.now > 0:
         idle = 1.0 - np.minimum(ctx.busy / ctx.clock.now, 1.0)

@@ -68,6 +68,32 @@ class LinkConfig(Section):
     latency_ms: Annotated[float, Field(ge=0)] | Distribution = 30.0
 
 
+class FailuresConfig(Section):
+    """Churn and failures, usable by every method. Times are simulated seconds; `*_round` is the
+    same for round-based methods. Which nodes fail is drawn from the run's seed."""
+
+    crash_fraction: float = Field(0.0, ge=0, le=1)
+    crash_at: float | None = Field(None, ge=0)
+    crash_round: int | None = Field(None, ge=1)
+    leave_fraction: float = Field(0.0, ge=0, le=1)  # graceful: the node announces it is leaving
+    leave_at: float | None = Field(None, ge=0)
+    leave_round: int | None = Field(None, ge=1)
+    join_fraction: float = Field(0.0, ge=0, le=1)  # absent at the start, join later
+    join_at: float | None = Field(None, ge=0)
+    join_round: int | None = Field(None, ge=1)
+    churn_fraction: float = Field(0.0, ge=0, le=1)  # alternate up and down
+    mean_up: float = Field(60.0, gt=0)
+    mean_down: float = Field(20.0, gt=0)
+    message_loss: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _when(self) -> "FailuresConfig":
+        for kind in ("crash", "leave", "join"):
+            if getattr(self, f"{kind}_fraction") > 0 and getattr(self, f"{kind}_at") is None and getattr(self, f"{kind}_round") is None:
+                raise ValueError(f"{kind}_fraction needs {kind}_at (simulated seconds) or {kind}_round")
+        return self
+
+
 class SystemConfig(Section):
     executor: Literal["inline", "ray"] = "ray"
     workers: int | None = Field(None, ge=1)
@@ -78,6 +104,7 @@ class SystemConfig(Section):
     compute_jitter: float = Field(0.0, ge=0)  # lognormal sigma of a per-job slow-down or speed-up
     trace: str | None = None  # CSV: client, step_time[, bandwidth_mbps, latency_ms]; overrides draws
     link: LinkConfig = LinkConfig()
+    failures: FailuresConfig = FailuresConfig()
 
 
 class NamedSection(BaseModel):

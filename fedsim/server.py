@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .aggregation import Aggregator, make_batch
 from .ledger import SERVER
 from .params import Params, clone, num_bytes
-from .training import TrainJob, Trainer
+from .training import ClientResult, TrainJob, Trainer
 
 if TYPE_CHECKING:
     from .coordinator import RunContext
@@ -19,20 +19,31 @@ class ServerRounds:
     """The synchronous server loop shared by FedAvg-style methods.
 
     A round lasts, in simulated time, until the slowest sampled client has downloaded the model,
-    trained and uploaded its result, or until `deadline` simulated seconds when one is set: clients
-    still busy then are dropped from the round and counted as failures. Bytes are counted per
-    message: the model down to each sampled client and each on-time update back up.
+    trained and uploaded its result, or until `deadline` simulated seconds when one is set. Clients
+    still busy at the deadline, down when the round starts (`[system.failures]`), or whose download
+    or upload is lost do not count in the round and are recorded as failures; the round goes on
+    with the rest. Bytes are counted per message; methods that send less than the whole model
+    (adapters, projections) say how much with `download_bytes` and `upload_bytes`.
     """
 
     def __init__(
-        self, ctx: "RunContext", *, trainer: Trainer, aggregator: Aggregator, clients_per_round: int,
+        self,
+        ctx: "RunContext",
+        *,
+        trainer: Trainer,
+        aggregator: Aggregator,
+        clients_per_round: int,
         deadline: float | None = None,
+        download_bytes: Callable[[Params], int] = num_bytes,
+        upload_bytes: Callable[[ClientResult], int] = lambda r: num_bytes(r.params),
     ):
         self.ctx = ctx
         self.deadline = deadline
         self.executor = ctx.executor(trainer)
         self.aggregator = aggregator
         self.clients_per_round = clients_per_round
+        self.download_bytes = download_bytes
+        self.upload_bytes = upload_bytes
         self.params: Params = clone(ctx.init_params)
 
     def sample(self, round: int) -> np.ndarray:
@@ -41,22 +52,27 @@ class ServerRounds:
         return np.sort(rng.choice(n, size=self.clients_per_round, replace=False))
 
     def step(self, round: int) -> dict[str, float]:
-        clients = self.sample(round)
-        results = self.executor.train(self.params, [TrainJob(int(c), round) for c in clients])
-        down = num_bytes(self.params)
-        self.ctx.ledger.transfer(SERVER, clients, down)
-        durations = np.array([
-            self.ctx.system.job_time(int(c), int(r.metrics["steps"]), down, num_bytes(r.params), job=round)
-            for c, r in zip(clients, results)
-        ])
-        on_time = durations <= (self.deadline if self.deadline is not None else np.inf)
-        for c, r, ok, d in zip(clients, results, on_time, durations):
-            self.ctx.busy[c] += min(d, self.deadline or d)
-            if ok:
-                self.ctx.ledger.transfer(int(c), SERVER, num_bytes(r.params))
-        self.ctx.clock.advance_to(self.ctx.clock.now + float(durations.max() if on_time.all() else self.deadline))
-        kept = [r for r, ok in zip(results, on_time) if ok]
-        metrics = {"failures": float(len(results) - len(kept))}
+        ctx, now = self.ctx, self.ctx.clock.now
+        sampled = self.sample(round)
+        down = self.download_bytes(self.params)
+        ctx.ledger.transfer(SERVER, sampled, down)
+        reached = [int(c) for c in sampled if ctx.failures.alive(int(c), now, round) and ctx.failures.delivered()]
+        results = self.executor.train(self.params, [TrainJob(c, round) for c in reached]) if reached else []
+        limit = self.deadline if self.deadline is not None else np.inf
+        kept, longest = [], 0.0
+        for r in results:
+            up = self.upload_bytes(r)
+            duration = ctx.system.job_time(r.client_id, int(r.metrics["steps"]), down, up, job=round)
+            ctx.busy[r.client_id] += min(duration, limit)
+            longest = max(longest, min(duration, limit))
+            if duration <= limit:
+                ctx.ledger.transfer(r.client_id, SERVER, up)
+                if ctx.failures.delivered():
+                    kept.append(r)
+        if len(kept) < len(sampled) and self.deadline is not None:
+            longest = self.deadline  # the server waited for someone who never came
+        ctx.clock.advance_to(now + longest)
+        metrics = {"failures": float(len(sampled) - len(kept))}
         if not kept:
             return {"train_loss": float("nan"), **metrics}
         batch = make_batch(kept)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -51,10 +51,14 @@ class TrainJob:
 
 @dataclass
 class ClientResult:
+    """What a client sends back. `extras` carries payloads that are not parameters (projected
+    coordinates, for example); `params` may then hold only what the method shares, or nothing."""
+
     client_id: int
     params: Params
     num_examples: int
     metrics: dict[str, float]
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer(Protocol):
