@@ -32,6 +32,9 @@ class FedAsync(AsyncServer):
         for client in range(self.ctx.data.num_clients):
             self.dispatch(client, 0.0, int(self.steps[client]))
 
+    def on_rejoin(self, client: int, now: float) -> None:
+        self.dispatch(client, now, int(self.steps[client]))
+
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         tau = self.version - arrival.version
         mix = self.alpha * self.weight(tau)

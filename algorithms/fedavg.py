@@ -6,6 +6,8 @@ method can name it in `[aggregator]`, and FedAvg itself can run with any other r
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from fedsim import (
@@ -32,6 +34,7 @@ class WeightedMean:
 class FedAvgConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
     deadline: float | None = Field(None, gt=0)  # simulated seconds; late clients are dropped
+    sampler: Literal["uniform", "hash"] = "uniform"
 
 
 @register_algorithm("fedavg")
@@ -42,4 +45,5 @@ def fedavg(cfg: FedAvgConfig, ctx: RunContext) -> ServerRounds:
         aggregator=ctx.aggregator or WeightedMean(),
         clients_per_round=cfg.clients_per_round,
         deadline=cfg.deadline,
+        sampler=cfg.sampler,
     )

@@ -39,6 +39,9 @@ class FedBuff(AsyncServer):
         for client in range(self.ctx.data.num_clients):
             self.dispatch(client, 0.0, int(self.steps[client]))
 
+    def on_rejoin(self, client: int, now: float) -> None:
+        self.dispatch(client, now, int(self.steps[client]))
+
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         self.buffer.append(arrival)
         if len(self.buffer) >= self.cfg.buffer_size:

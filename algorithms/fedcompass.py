@@ -94,10 +94,21 @@ class FedCompass(AsyncServer):
         for client in range(self.ctx.data.num_clients):
             self._send(client, 0.0, self.cfg.q_max)
 
-    def _send(self, client: int, now: float, q: int) -> None:
+    def _send(self, client: int, now: float, q: int) -> bool:
         self.q[client] = q
         self.began[client] = now
-        self.dispatch(client, now, q)
+        return self.dispatch(client, now, q) is not None
+
+    def on_rejoin(self, client: int, now: float) -> None:
+        """Back after a failure: leave the group it never reached, then schedule as usual."""
+        g = int(self.group_of[client])
+        if g in self.groups:
+            self.groups[g].members.discard(client)
+            self._drop_if_empty(g)
+        if np.isnan(self.speed[client]):  # never arrived: no speed estimate yet
+            self._send(client, now, self.cfg.q_max)
+        else:
+            self._schedule(client, now)
 
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         i = arrival.client
@@ -154,6 +165,8 @@ class FedCompass(AsyncServer):
         g, q, expected, latest = assign(
             now, float(self.speed[client]), self.groups, self.speed, self.cfg.q_min, self.cfg.q_max, self.cfg.latest_time_factor
         )
+        if not self._send(client, now, q):
+            return  # down: rejoins later
         if g is None:
             g = self._next_group
             self._next_group += 1
@@ -161,7 +174,6 @@ class FedCompass(AsyncServer):
             self.queue.push(latest, "deadline", g)
         self.groups[g].members.add(client)
         self.group_of[client] = g
-        self._send(client, now, q)
 
     def round_metrics(self) -> dict[str, float]:
         open_groups = sum(1 for grp in self.groups.values() if not grp.closed)

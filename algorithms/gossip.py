@@ -94,6 +94,7 @@ class GossipLearning:
         self.neighbours = [np.fromiter(ctx.graph.neighbors(i), dtype=np.int64) for i in range(n)]
         self.buffers: list[list[Params]] = [[] for _ in range(n)]
         self.jobs_done = np.zeros(n, dtype=np.int64)
+        self.idle = np.zeros(n, dtype=bool)  # down when its last job ended; restarted when back up
         self.queue = EventQueue()
         self.evaluator = NodeEvaluator(ctx, cfg.eval_nodes)
         sizes = ctx.data.num_examples()
@@ -102,7 +103,10 @@ class GossipLearning:
         self.merges = 0
         self.losses: list[float] = []
         for i in range(n):
-            self._start(i, 0.0)
+            if ctx.failures.alive(i, 0.0, 1):
+                self._start(i, 0.0)
+            else:
+                self.idle[i] = True
 
     def _node(self, i: int) -> Params:
         return {k: v[i].clone() for k, v in self.X.items()}
@@ -115,29 +119,44 @@ class GossipLearning:
     def step(self, round: int) -> dict[str, float]:
         horizon = round * self.round_seconds
         self.losses = []
+        now = self.ctx.clock.now
+        for i in np.flatnonzero(self.idle):  # nodes that were down: back up now?
+            if self.ctx.failures.alive(int(i), now, round):
+                self.idle[i] = False
+                self._start(int(i), now)
         while self.queue and self.queue.peek().time <= horizon:
             event = self.queue.pop()
             self.ctx.clock.advance_to(event.time)
             if event.kind == "trained":
-                self._trained(*event.payload, now=event.time)
+                self._trained(*event.payload, now=event.time, round=round)
             else:
                 receiver, params = event.payload
-                self.buffers[receiver].append(params)
+                if self.ctx.failures.alive(receiver, event.time, round):
+                    self.buffers[receiver].append(params)
         self.ctx.clock.advance_to(horizon)
         return {"train_loss": float(np.mean(self.losses)) if self.losses else float("nan"), "merges": float(self.merges)}
 
-    def _trained(self, i: int, k: int, now: float) -> None:
+    def _trained(self, i: int, k: int, now: float, round: int) -> None:
+        failures = self.ctx.failures
+        if not failures.alive(i, now, round):  # went down while training: the job is lost
+            self.jobs.cancel((i, k))
+            self.idle[i] = True
+            return
         result = self.jobs.result((i, k))
         self.losses.append(result.metrics["train_loss"])
         for name, t in result.params.items():
             self.X[name][i] = t
         self.jobs_done[i] += 1
-        if self.jobs_done[i] % self.cfg.push_every == 0:
-            for j in self.neighbours[i]:
-                arrival = now + self.ctx.system.transfer_time(i, self.nbytes)
-                self.queue.push(arrival, "received", (int(j), result.params))
-            self.ctx.ledger.transfer(i, self.neighbours[i], self.nbytes)
-        if len(self.buffers[i]) >= math.ceil(self.cfg.buffer_factor * len(self.neighbours[i])):
+        # dead neighbours are skipped (a node knows who answers); lost messages still cost bytes
+        up = [int(j) for j in self.neighbours[i] if failures.alive(int(j), now, round)]
+        if self.jobs_done[i] % self.cfg.push_every == 0 and up:
+            arrival = now + self.ctx.system.transfer_time(i, self.nbytes)
+            for j in up:
+                if failures.delivered():
+                    self.queue.push(arrival, "received", (j, result.params))
+            self.ctx.ledger.transfer(i, np.array(up), self.nbytes)
+        needed = max(1, math.ceil(self.cfg.buffer_factor * len(up)))
+        if self.buffers[i] and len(self.buffers[i]) >= needed:
             self._merge(i)
         self._start(i, now)
 

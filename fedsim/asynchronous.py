@@ -82,6 +82,8 @@ class AsyncServer:
         self.nbytes = num_bytes(self.params)
         n = ctx.data.num_clients
         self.jobs_started = np.zeros(n, dtype=np.int64)
+        self.idle = np.zeros(n, dtype=bool)
+        self._round = 1
         sizes = ctx.data.num_examples().astype(np.float64)
         self.p = np.full(n, 1.0 / n) if cfg.weights == "equal" else sizes / sizes.sum()
         self.round_seconds = cfg.round_seconds or default_round_seconds
@@ -91,15 +93,19 @@ class AsyncServer:
 
     # --- what subclasses call ------------------------------------------------------------
 
-    def dispatch(self, client: int, now: float, steps: int) -> float:
-        """Send the current model to `client` for `steps` local steps; returns its arrival time."""
+    def dispatch(self, client: int, now: float, steps: int) -> float | None:
+        """Send the current model to `client` for `steps` local steps; returns its arrival time,
+        or None when the client is down (it is then offered work again once it is back up)."""
+        self.ctx.ledger.transfer(SERVER, client, self.nbytes)
+        if not self.ctx.failures.alive(client, now, self._round) or not self.ctx.failures.delivered():
+            self.idle[client] = True
+            return None
         k = int(self.jobs_started[client])
         self.jobs_started[client] += 1
         start = clone(self.params)
         self.jobs.start((client, k), TrainJob(client, k + 1, steps=steps), start)
         duration = self.ctx.system.job_time(client, steps, self.nbytes, self.nbytes, job=k)
         self.ctx.busy[client] += duration
-        self.ctx.ledger.transfer(SERVER, client, self.nbytes)
         self._pending[(client, k)] = Arrival(client, None, start, self.version, steps, now)  # type: ignore[arg-type]
         self.queue.push(now + duration, "arrival", (client, k))
         return now + duration
@@ -126,23 +132,41 @@ class AsyncServer:
     def on_timer(self, payload: Any, now: float) -> None:
         pass
 
+    def on_rejoin(self, client: int, now: float) -> None:
+        """A client that was down (or whose update was lost) is up again at a round boundary."""
+        raise NotImplementedError
+
     def round_metrics(self) -> dict[str, float]:
         return {}
 
     # --- the flow protocol ---------------------------------------------------------------
 
     def step(self, round: int) -> dict[str, float]:
+        self._round = round
         if round == 1:
             self.start()
         horizon = round * self.round_seconds
         self.applied_staleness, self.losses = [], []
+        now = self.ctx.clock.now
+        for client in np.flatnonzero(self.idle):
+            if self.ctx.failures.alive(int(client), now, round):
+                self.idle[client] = False
+                self.on_rejoin(int(client), now)
         while self.queue and self.queue.peek().time <= horizon:
             event = self.queue.pop()
             self.ctx.clock.advance_to(event.time)
             if event.kind == "arrival":
                 arrival = self._pending.pop(event.payload)
+                failures = self.ctx.failures
+                if not failures.alive(arrival.client, event.time, round):  # died while training
+                    self.jobs.cancel(event.payload)
+                    self.idle[arrival.client] = True
+                    continue
                 arrival.result = self.jobs.result(event.payload)
                 self.ctx.ledger.transfer(arrival.client, SERVER, self.nbytes)
+                if not failures.delivered():
+                    self.idle[arrival.client] = True
+                    continue
                 self.losses.append(arrival.result.metrics["train_loss"])
                 self.on_arrival(arrival, event.time)
             else:

@@ -195,6 +195,14 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         **ctx.ledger.summary(),
         **(ctx.failures.summary() if ctx.failures.active else {}),
     }
+    target = ctx.spec.scenario.target_accuracy
+    if target is not None:
+        reached = df[df["test_accuracy"] >= target]
+        first = reached.iloc[0] if len(reached) else None
+        summary["target_accuracy"] = target
+        summary["round_to_target"] = None if first is None else int(first["round"])
+        summary["sim_time_to_target"] = None if first is None else float(first["sim_time"])
+        summary["bytes_to_target"] = None if first is None else int(first["bytes_sent"])
     if ctx.clock.now > 0:
         idle = 1.0 - np.minimum(ctx.busy / ctx.clock.now, 1.0)
         summary["mean_idle_fraction"] = float(idle.mean())

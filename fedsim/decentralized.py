@@ -159,18 +159,47 @@ class GraphRounds:
     def step(self, round: int) -> dict[str, float]:
         if self.topology.time_varying:
             self._set_graph(self.graph_for(round))
-        n = self.ctx.data.num_clients
-        results = self.executor.train(self.X, [TrainJob(i, round, row=i) for i in range(n)])
-        self.X = stack([r.params for r in results])
+        ctx = self.ctx
+        alive = ctx.failures.alive_mask(ctx.clock.now, round)
+        active = np.flatnonzero(alive)
+        results = self.executor.train(self.X, [TrainJob(int(i), round, row=int(i)) for i in active])
+        if len(results):
+            trained = stack([r.params for r in results])
+            for name, t in trained.items():
+                self.X[name][active] = t
         nbytes = sum(t[0].numel() * t.element_size() for t in self.X.values())
-        for _ in range(self.gossip_steps):
-            self.X = mix(self.W, self.X)
-            self.ctx.ledger.transfer(self.senders, self.receivers, nbytes)
-        system = self.ctx.system
-        compute = max(int(r.metrics["steps"]) * system.step_time[r.client_id] for r in results)
-        slowest_link = float((system.latency[self.senders] + nbytes / system.bandwidth[self.senders]).max(initial=0.0))
-        self.ctx.clock.advance_to(self.ctx.clock.now + float(compute) + self.gossip_steps * slowest_link)
-        return {"train_loss": float(np.mean([r.metrics["train_loss"] for r in results]))}
+        W, senders, receivers = self.W, self.senders, self.receivers
+        for q in range(self.gossip_steps):
+            if not alive.all() or ctx.failures.cfg.message_loss > 0:
+                W, senders, receivers = self._surviving(alive, round, q)
+            self.X = mix(W, self.X)
+            ctx.ledger.transfer(senders, receivers, nbytes)
+        system = ctx.system
+        compute = max((int(r.metrics["steps"]) * system.step_time[r.client_id] for r in results), default=0.0)
+        slowest_link = float((system.latency[senders] + nbytes / system.bandwidth[senders]).max(initial=0.0))
+        ctx.clock.advance_to(ctx.clock.now + float(compute) + self.gossip_steps * slowest_link)
+        losses = [r.metrics["train_loss"] for r in results]
+        return {
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "alive_nodes": float(alive.sum()),
+        }
+
+    def _surviving(self, alive: np.ndarray, round: int, q: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The mixing operator over the edges that work in this gossip step: both ends up and the
+        message not lost. Nodes left without a working edge keep their own model."""
+        loss = self.ctx.failures.cfg.message_loss
+        keep = alive[self.senders] & alive[self.receivers]
+        if loss > 0:
+            n_edges = len(self.senders) // 2
+            delivered = self.ctx.generator("failures.gossip", round, q).random(n_edges) >= loss
+            keep &= np.concatenate([delivered, delivered])
+        G = nx.Graph()
+        G.add_nodes_from(range(self.ctx.data.num_clients))
+        half = len(self.senders) // 2
+        G.add_edges_from(zip(self.senders[:half][keep[:half]].tolist(), self.receivers[:half][keep[:half]].tolist()))
+        # the survivors' graph is rarely regular, which the uniform rule needs
+        rule = "metropolis_hastings" if self.topology.mixing == "uniform" else self.topology.mixing
+        return mixing_operator(G, rule), self.senders[keep], self.receivers[keep]
 
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.X)

@@ -25,9 +25,23 @@ class Ledger:
         return int(self.sent.sum())
 
     def summary(self) -> dict[str, float]:
-        clients = self.sent[:-1] + self.received[:-1]
+        """Totals, the busiest node's load and how unevenly the load is spread (Gini of each
+        node's sent + received bytes; the server, if any, is counted as one more node)."""
+        load = self.sent + self.received
+        clients = load[:-1]
+        nodes = load if load[-1] > 0 else clients
         return {
             "total_bytes": self.total,
             "max_bytes_per_client": int(clients.max(initial=0)),
-            "server_bytes": int(self.sent[-1] + self.received[-1]),
+            "server_bytes": int(load[-1]),
+            "gini_bytes_per_node": gini(nodes),
         }
+
+
+def gini(values: np.ndarray) -> float:
+    """0 when every node carries the same load, close to 1 when one node carries it all."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.sum() == 0:
+        return 0.0
+    n = len(v)
+    return float((2 * np.arange(1, n + 1) - n - 1) @ v / (n * v.sum()))

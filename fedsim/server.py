@@ -9,6 +9,7 @@ import numpy as np
 from .aggregation import Aggregator, make_batch
 from .ledger import SERVER
 from .params import Params, clone, num_bytes
+from .sampling import hash_order
 from .training import ClientResult, TrainJob, Trainer
 
 if TYPE_CHECKING:
@@ -23,7 +24,9 @@ class ServerRounds:
     still busy at the deadline, down when the round starts (`[system.failures]`), or whose download
     or upload is lost do not count in the round and are recorded as failures; the round goes on
     with the rest. Bytes are counted per message; methods that send less than the whole model
-    (adapters, projections) say how much with `download_bytes` and `upload_bytes`.
+    (adapters, projections) say how much with `download_bytes` and `upload_bytes`. Clients are
+    sampled uniformly from a per-round generator, or with `sampler = "hash"` as the first nodes of
+    the round's hash order (MoDeST's sample, for like-for-like comparisons).
     """
 
     def __init__(
@@ -36,7 +39,9 @@ class ServerRounds:
         deadline: float | None = None,
         download_bytes: Callable[[Params], int] = num_bytes,
         upload_bytes: Callable[[ClientResult], int] = lambda r: num_bytes(r.params),
+        sampler: str = "uniform",
     ):
+        self.sampler = sampler
         self.ctx = ctx
         self.deadline = deadline
         self.executor = ctx.executor(trainer)
@@ -47,8 +52,10 @@ class ServerRounds:
         self.params: Params = clone(ctx.init_params)
 
     def sample(self, round: int) -> np.ndarray:
-        rng = self.ctx.generator("sample", round)
         n = self.ctx.data.num_clients
+        if self.sampler == "hash":
+            return np.sort(hash_order(n, round)[: self.clients_per_round])
+        rng = self.ctx.generator("sample", round)
         return np.sort(rng.choice(n, size=self.clients_per_round, replace=False))
 
     def step(self, round: int) -> dict[str, float]:

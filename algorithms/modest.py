@@ -1,0 +1,334 @@
+"""MoDeST: mostly-consistent decentralized sampling training (de Vos, Dhasade, Kermarrec, Lavoie,
+Pouwelse, Sharma; arXiv 2302.13837; later "Plexus").
+
+No server: each round k, the first s available nodes of the candidates ordered by
+MD5(node id || "-" || k) train; they send their models (with their population view) to the first a
+available nodes of round k+1's order, who average them once floor(s x success_fraction) have
+arrived, or at their timeout with at least `liveness_min` models, and send the result to round
+k+1's trainers. Availability is checked by pinging in order and skipping nodes that do not answer
+within the ping timeout. Views (last active round and a join/leave counter per peer) travel with
+every model and are merged; joins wait in a pending set until the next send; nodes inactive for
+more than `inactivity_threshold` rounds drop out of the candidates. Follows ALGORITHMS.md
+section 3 (read from the authors' accdfl / plexus code); defaults are theirs.
+
+Readings fedsim had to choose (the notes leave them open):
+- Trainers wait `ack_timeout` for their aggregators' acknowledgement and otherwise forward the
+  model to the next available aggregators of the order; a dropped round acknowledges no one.
+- Liveness: when an aggregator drops a round below the liveness minimum, it restarts that round
+  from the freshest global model it knows (every node keeps the last one it received), sending it
+  to the round's trainers. Without some such rule a round whose trainers mostly crashed would stall
+  the protocol forever; this one costs one aggregation timeout.
+- Pings cost one round trip; every unanswered ping in a wave costs the ping timeout. Views are
+  counted on the wire at 6 bytes per known peer, pings and acks at 64 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import Field
+
+from fedsim import LocalSGDConfig, Params, RunContext, SGDTrainer, TrainJob, make_batch, register_algorithm, weighted_sum
+from fedsim.clock import EventQueue
+from fedsim.jobs import JobPool
+from fedsim.params import clone, num_bytes
+from fedsim.sampling import ordered_candidates
+from fedsim.training import ClientResult
+
+SMALL_MESSAGE = 64  # bytes of a ping, pong or acknowledgement
+
+
+class View:
+    """A node's population view, as two arrays over node ids. Copy-on-write: nodes share one
+    object until one of them learns something new, so 10,000 nodes cost one view, not 10,000."""
+
+    __slots__ = ("last_active", "membership")
+
+    def __init__(self, last_active: np.ndarray, membership: np.ndarray):
+        self.last_active = last_active  # round in which the peer was last seen active
+        self.membership = membership  # join/leave counter: even = member, odd = left, -1 = unknown
+
+    def merged(self, other: "View") -> "View":
+        if other is self:
+            return self
+        last = np.maximum(self.last_active, other.last_active)
+        member = np.maximum(self.membership, other.membership)
+        if np.array_equal(last, self.last_active) and np.array_equal(member, self.membership):
+            return self
+        return View(last, member)
+
+    def candidates(self, round: int, threshold: int, me: int) -> np.ndarray:
+        mask = (self.membership >= 0) & (self.membership % 2 == 0) & (self.last_active >= round - threshold)
+        mask[me] = True
+        return mask
+
+    def nbytes(self) -> int:
+        return 6 * int((self.membership >= 0).sum())
+
+
+class MoDeSTConfig(LocalSGDConfig):
+    needs_topology = False
+    sample_size: int = Field(10, ge=1)  # s
+    aggregators: int = Field(1, ge=1)  # a
+    success_fraction: float = Field(1.0, gt=0, le=1)
+    liveness_min: int = Field(3, ge=1)
+    aggregation_timeout: float = Field(300.0, gt=0)
+    ping_timeout: float = Field(5.0, gt=0)
+    ack_timeout: float = Field(600.0, gt=0)
+    inactivity_threshold: int = Field(1000, ge=1)
+    batch_size: int = Field(20, ge=1)
+    local_steps: int | None = 5
+    max_round_seconds: float = Field(3600.0, gt=0)  # a recorded round gives up waiting after this
+
+
+@dataclass
+class Collection:
+    """What one aggregator has received for one round."""
+
+    results: list[ClientResult] = field(default_factory=list)
+    done: bool = False
+
+
+class MoDeST:
+    def __init__(self, cfg: MoDeSTConfig, ctx: RunContext):
+        self.cfg, self.ctx = cfg, ctx
+        n = ctx.data.num_clients
+        self.n = n
+        if cfg.sample_size > n:
+            from fedsim import ScenarioError
+
+            raise ScenarioError(f"expected at most data.num_clients = {n}", key="algorithm.sample_size")
+        self.jobs = JobPool(ctx.executor(SGDTrainer.from_config(cfg)))
+        self.queue = EventQueue()
+        failures = ctx.failures
+        genesis_member = np.where(failures.joins, -1, 0).astype(np.int16)
+        self.views: dict[int, View] = {}
+        self.genesis = View(np.zeros(n, dtype=np.int32), genesis_member)
+        self.pending: dict[int, list[int]] = {}  # node -> peers whose JOIN it holds back
+        self.r_hat = np.zeros(n, dtype=np.int64)
+        self.known_model: dict[int, tuple[int, Params]] = {}  # node -> (round, last global model)
+        self.collections: dict[tuple[int, int], Collection] = {}
+        self.acked: set[tuple[int, int]] = set()  # (trainer, round) acknowledged
+        self.tried: dict[tuple[int, int], int] = {}  # (trainer, round) -> aggregators tried so far
+        self.initial = clone(ctx.init_params)
+        self.models: dict[int, Params] = {0: self.initial}  # the latest round -> its first aggregated model
+        self.latest = 0
+        self.joined = ~failures.joins
+        self.left = np.zeros(n, dtype=bool)
+        self.nbytes = num_bytes(ctx.init_params)
+        self.dropped_rounds = 0
+        self.stall_seconds = 0.0
+        self._round = 1
+        self._started = False
+        self.losses: list[float] = []
+
+    # --- views and samples ---------------------------------------------------------------
+
+    def view(self, node: int) -> View:
+        return self.views.get(node, self.genesis)
+
+    def learn(self, node: int, other: View) -> None:
+        merged = self.view(node).merged(other)
+        if merged is not self.view(node):
+            self.views[node] = merged
+
+    def mark_active(self, node: int, peer: int, round: int) -> None:
+        v = self.view(node)
+        if v.last_active[peer] < round:
+            v = View(v.last_active.copy(), v.membership)
+            v.last_active[peer] = round
+            self.views[node] = v
+
+    def outgoing_view(self, node: int) -> View:
+        """The view a node sends: its own, with the joins it held back flushed in."""
+        held = self.pending.pop(node, [])
+        if held:
+            v = self.view(node)
+            member = v.membership.copy()
+            for peer in held:  # unknown -> member (0); left (odd) -> member again (next even)
+                member[peer] = 0 if member[peer] < 0 else member[peer] + member[peer] % 2
+            self.views[node] = View(v.last_active, member)
+        return self.view(node)
+
+    def select(self, node: int, round: int, count: int, now: float, skip: int = 0) -> tuple[list[int], float]:
+        """The first `count` nodes of round's order (after `skip` answering ones) that answer a ping,
+        as `node` sees it; returns them and the time the pinging took."""
+        order = ordered_candidates(self.view(node).candidates(round, self.cfg.inactivity_threshold, node), round)
+        chosen: list[int] = []
+        elapsed, pos, answered = 0.0, 0, 0
+        latency = float(self.ctx.system.latency[node])
+        while len(chosen) < count and pos < len(order):
+            wave = order[pos : pos + count - len(chosen)]
+            pos += len(wave)
+            self.ctx.ledger.transfer(node, wave, SMALL_MESSAGE)
+            alive = [int(p) for p in wave if p == node or self.ctx.failures.alive(int(p), now + elapsed, self._round)]
+            for p in alive:
+                answered += 1
+                if answered > skip:
+                    chosen.append(p)
+            elapsed += 2 * latency if len(alive) == len(wave) else self.cfg.ping_timeout
+        return chosen, elapsed
+
+    # --- the protocol --------------------------------------------------------------------
+
+    def _send_model(self, sender: int, receivers: list[int], kind: str, round: int, payload: object, now: float) -> None:
+        view = self.outgoing_view(sender)
+        size = self.nbytes + view.nbytes()
+        arrival = now + self.ctx.system.transfer_time(sender, size)
+        for r in receivers:
+            self.ctx.ledger.transfer(sender, r, size)
+            if self.ctx.failures.delivered():
+                self.queue.push(arrival, kind, (r, round, payload, view, sender))
+
+    def _start_round(self, node: int, round: int, model: Params, now: float) -> None:
+        trainers, delay = self.select(node, round, self.cfg.sample_size, now)
+        self._send_model(node, trainers, "model", round, model, now + delay)
+
+    def on_model(self, trainer: int, round: int, model: Params, view: View, sender: int, now: float) -> None:
+        if not self.ctx.failures.alive(trainer, now, self._round) or round <= self.r_hat[trainer]:
+            return  # down, or an older (or second) copy of a round it already has
+        self.r_hat[trainer] = round
+        self.learn(trainer, view)
+        self.known_model[trainer] = (round, model)
+        self.jobs.start((trainer, round), TrainJob(trainer, round), model)
+        steps = SGDTrainer.from_config(self.cfg).num_steps(int(self.ctx.data.num_examples()[trainer]))
+        duration = self.ctx.system.compute_time(trainer, steps, job=round)
+        self.ctx.busy[trainer] += duration
+        self.queue.push(now + duration, "trained", (trainer, round))
+
+    def on_trained(self, trainer: int, round: int, now: float) -> None:
+        if not self.ctx.failures.alive(trainer, now, self._round):
+            self.jobs.cancel((trainer, round))
+            return
+        result = self.jobs.result((trainer, round))
+        self.losses.append(result.metrics["train_loss"])
+        self._deliver(trainer, round, result, now, skip=0)
+
+    def _deliver(self, trainer: int, round: int, result: ClientResult, now: float, skip: int) -> None:
+        aggregators, delay = self.select(trainer, round + 1, self.cfg.aggregators, now, skip=skip)
+        self.tried[(trainer, round)] = skip + len(aggregators)
+        self.mark_active(trainer, trainer, round)
+        self._send_model(trainer, aggregators, "update", round + 1, result, now + delay)
+        self.queue.push(now + delay + self.cfg.ack_timeout, "ack_timeout", (trainer, round, result))
+
+    def on_update(self, aggregator: int, round: int, result: ClientResult, view: View, sender: int, now: float) -> None:
+        if not self.ctx.failures.alive(aggregator, now, self._round):
+            return
+        self.learn(aggregator, view)
+        self.mark_active(aggregator, sender, round - 1)
+        key = (aggregator, round)
+        collection = self.collections.setdefault(key, Collection())
+        if collection.done:  # a round it already closed: acknowledged, so the sender stops
+            self.ctx.ledger.transfer(aggregator, sender, SMALL_MESSAGE)
+            self.acked.add((sender, round - 1))
+            return
+        if any(r.client_id == result.client_id for r in collection.results):
+            return
+        collection.results.append(result)
+        if len(collection.results) == 1:
+            self.queue.push(now + self.cfg.aggregation_timeout, "aggregation_timeout", key)
+        if len(collection.results) >= max(1, int(self.cfg.sample_size * self.cfg.success_fraction)):
+            self._aggregate(aggregator, round, now)
+
+    def on_aggregation_timeout(self, aggregator: int, round: int, now: float) -> None:
+        collection = self.collections.get((aggregator, round))
+        if collection is None or collection.done or not self.ctx.failures.alive(aggregator, now, self._round):
+            return
+        if len(collection.results) >= self.cfg.liveness_min:
+            self._aggregate(aggregator, round, now)
+            return
+        collection.done = True  # dropped: too few models to trust
+        self.dropped_rounds += 1
+        # restart the round from the freshest global model this node knows; if another
+        # aggregator did aggregate, its trainers already hold this round and ignore the copy
+        _, model = self.known_model.get(aggregator, (0, self.initial))
+        self._start_round(aggregator, round, model, now)
+
+    def _aggregate(self, aggregator: int, round: int, now: float) -> None:
+        collection = self.collections[(aggregator, round)]
+        collection.done = True
+        results = sorted(collection.results, key=lambda r: r.client_id)
+        batch = make_batch(results)
+        model = weighted_sum(batch.params, batch.weights())
+        for r in results:
+            self.acked.add((r.client_id, round - 1))
+            self.ctx.ledger.transfer(aggregator, r.client_id, SMALL_MESSAGE)
+        self.known_model[aggregator] = (round - 1, model)
+        if round - 1 > self.latest:
+            self.latest = round - 1
+            self.models = {round - 1: model}
+        self._start_round(aggregator, round, model, now)
+
+    def on_ack_timeout(self, trainer: int, round: int, result: ClientResult, now: float) -> None:
+        if (trainer, round) in self.acked or not self.ctx.failures.alive(trainer, now, self._round):
+            return
+        self._deliver(trainer, round, result, now, skip=self.tried[(trainer, round)])
+
+    # --- membership changes announced at round boundaries --------------------------------
+
+    def _membership(self, now: float) -> None:
+        failures = self.ctx.failures
+        rng = self.ctx.generator("modest.gossip", self._round)
+        for node in np.flatnonzero(failures.joins & ~self.joined):
+            if failures.alive(int(node), now, self._round):
+                self.joined[node] = True
+                peers = rng.choice(self.n, size=min(self.n, 10 * self.cfg.sample_size), replace=False)
+                for p in peers:
+                    self.pending.setdefault(int(p), []).append(int(node))
+                self.ctx.ledger.transfer(int(node), peers, SMALL_MESSAGE)
+        for node in np.flatnonzero(failures.leaves & ~self.left):
+            if failures.left(int(node), now, self._round):
+                self.left[node] = True
+                peers = rng.choice(self.n, size=min(self.n, 10 * self.cfg.sample_size), replace=False)
+                for p in peers:
+                    v = self.view(int(p))
+                    member = v.membership.copy()
+                    member[node] = member[node] + 1 if member[node] % 2 == 0 else member[node]
+                    self.views[int(p)] = View(v.last_active, member)
+                self.ctx.ledger.transfer(int(node), peers, SMALL_MESSAGE)
+
+    # --- the flow protocol ---------------------------------------------------------------
+
+    def step(self, round: int) -> dict[str, float]:
+        """Advance until round `round`'s model exists (or the protocol has nothing left to do)."""
+        self._round = round
+        now = self.ctx.clock.now
+        self._membership(now)
+        if not self._started:  # everyone knows the initial model: round 1's trainers just start
+            self._started = True
+            order = ordered_candidates(self.genesis.candidates(1, self.cfg.inactivity_threshold, 0), 1)
+            trainers = [int(p) for p in order if self.ctx.failures.alive(int(p), now, round)][: self.cfg.sample_size]
+            for trainer in trainers:
+                self.on_model(trainer, 1, self.initial, self.genesis, trainer, now)
+        handlers = {
+            "model": lambda p, t: self.on_model(p[0], p[1], p[2], p[3], p[4], t),
+            "trained": lambda p, t: self.on_trained(p[0], p[1], t),
+            "update": lambda p, t: self.on_update(p[0], p[1], p[2], p[3], p[4], t),
+            "aggregation_timeout": lambda p, t: self.on_aggregation_timeout(p[0], p[1], t),
+            "ack_timeout": lambda p, t: self.on_ack_timeout(p[0], p[1], p[2], t),
+        }
+        before = self.ctx.clock.now
+        self.losses = []
+        limit = before + self.cfg.max_round_seconds
+        while self.latest < round and self.queue and self.queue.peek().time <= limit:
+            event = self.queue.pop()
+            self.ctx.clock.advance_to(event.time)
+            handlers[event.kind](event.payload, event.time)
+        if self.latest < round:  # stalled: let simulated time pass so the run stays bounded
+            self.ctx.clock.advance_to(max(self.ctx.clock.now, limit if self.queue else self.ctx.clock.now))
+        return {
+            "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "global_round": float(self.latest),
+            "dropped_rounds": float(self.dropped_rounds),
+            "round_seconds": self.ctx.clock.now - before,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        acc, loss = self.ctx.evaluate(self.models[self.latest])
+        return {"test_accuracy": acc, "test_loss": loss}
+
+
+@register_algorithm("modest")
+def modest(cfg: MoDeSTConfig, ctx: RunContext) -> MoDeST:
+    return MoDeST(cfg, ctx)

@@ -1,0 +1,141 @@
+"""MoDeST: hash sampling, the round protocol, failures, and equivalence with FedAvg."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.algorithms.modest import Collection, MoDeST, View
+from fedsim.cli import main
+from fedsim.coordinator import RunContext, RunOptions
+from fedsim.ledger import gini
+from fedsim.sampling import hash_order, ordered_candidates
+from fedsim.scenario import load
+
+MODEST = """
+name = "modest"
+seed = 4
+rounds = 8
+
+[data]
+dataset = "synthetic"
+num_clients = 40
+samples_per_client = 50
+test_size = 400
+
+[model]
+name = "logreg"
+
+[algorithm]
+name = "modest"
+lr = 0.1
+sample_size = 6
+
+[system]
+executor = "inline"
+"""
+
+
+def test_same_view_same_sample_and_samples_change_with_the_round():
+    n = 50
+    a = View(np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int16))
+    b = View(a.last_active.copy(), a.membership.copy())
+    for k in range(1, 6):
+        sa = ordered_candidates(a.candidates(k, 1000, me=3), k)[:8]
+        sb = ordered_candidates(b.candidates(k, 1000, me=17), k)[:8]
+        assert np.array_equal(sa, sb)
+    assert not np.array_equal(hash_order(n, 1)[:8], hash_order(n, 2)[:8])
+
+
+def test_samples_are_close_to_uniform_over_many_rounds():
+    n, s, rounds = 40, 5, 4000
+    counts = np.zeros(n)
+    for k in range(1, rounds + 1):
+        counts[hash_order(n, k)[:s]] += 1
+    expected = rounds * s / n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 80  # 39 degrees of freedom: the 0.999 quantile is about 72
+
+
+def test_views_merge_by_newest_activity_and_membership():
+    a = View(np.array([3, 0, 5], dtype=np.int32), np.array([0, 1, -1], dtype=np.int16))
+    b = View(np.array([1, 4, 5], dtype=np.int32), np.array([2, 0, 0], dtype=np.int16))
+    m = a.merged(b)
+    assert m.last_active.tolist() == [3, 4, 5] and m.membership.tolist() == [2, 1, 0]
+    assert a.merged(a) is a
+    assert m.candidates(10, 1000, me=0).tolist() == [True, False, True]  # 1 has left
+    assert m.candidates(10, 4, me=0).tolist() == [True, False, False]  # 2 inactive since round 5
+
+
+def _modest(tmp_path, text=MODEST, *overrides):
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    spec = load(path, list(overrides))[0]
+    ctx = RunContext(spec, RunOptions(executor="inline"))
+    return ctx, spec.algorithm.build(spec.algorithm_config, ctx)
+
+
+def test_aggregator_with_too_few_models_waits_for_the_timeout_then_drops_the_round(tmp_path):
+    ctx, flow = _modest(tmp_path, MODEST, "algorithm.aggregation_timeout=50.0")
+    assert isinstance(flow, MoDeST)
+    flow.step(1)  # one normal round, so that a model exists
+    from fedsim import ClientResult
+
+    result = ClientResult(0, {k: v.clone() for k, v in flow.initial.items()}, 50, {"train_loss": 1.0})
+    aggregator, round = 7, 50
+    t0 = ctx.clock.now
+    flow.on_update(aggregator, round, result, flow.genesis, 0, t0)
+    flow.on_update(aggregator, round, ClientResult(1, result.params, 50, {}), flow.genesis, 1, t0)
+    collection = flow.collections[(aggregator, round)]
+    assert isinstance(collection, Collection) and not collection.done  # 2 < 6 models: it waits
+    events = [e for e in flow.queue._heap if e.kind == "aggregation_timeout" and e.payload == (aggregator, round)]
+    assert len(events) == 1 and events[0].time == pytest.approx(t0 + 50.0)
+    dropped = flow.dropped_rounds
+    flow.on_aggregation_timeout(aggregator, round, t0 + 50.0)
+    assert collection.done and flow.dropped_rounds == dropped + 1  # 2 < liveness minimum 3
+    assert flow.latest < round - 1  # nothing was aggregated for that round
+
+
+def test_no_failures_and_one_aggregator_matches_fedavg_on_the_same_sample(write_scenario, tmp_path):
+    sweep = (
+        '\n[sweep]\nalgorithm = [{ name = "modest", sample_size = 6, aggregators = 1 },'
+        ' { name = "fedavg", clients_per_round = 6, sampler = "hash", batch_size = 20, local_steps = 5 }]\n'
+    )
+    path = write_scenario(MODEST.replace("sample_size = 6\n", "") + sweep)
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    m = pd.read_csv(tmp_path / "modest-algorithm=modest" / "metrics.csv")
+    f = pd.read_csv(tmp_path / "modest-algorithm=fedavg" / "metrics.csv")
+    pd.testing.assert_series_equal(m["test_accuracy"], f["test_accuracy"])
+    pd.testing.assert_series_equal(m["test_loss"], f["test_loss"])
+
+
+def test_eighty_percent_crash_keeps_improving_and_never_hangs(write_scenario, tmp_path):
+    text = MODEST.replace("rounds = 8", "rounds = 30").replace("num_clients = 40", "num_clients = 60") + (
+        "\n[system.failures]\ncrash_fraction = 0.8\ncrash_at = 2.0\n"
+    )
+    text = text.replace("sample_size = 6", "sample_size = 6\nsuccess_fraction = 0.8\naggregation_timeout = 20.0")
+    path = write_scenario(text)
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    df = pd.read_csv(tmp_path / "modest" / "metrics.csv")
+    assert len(df) == 31 and df["sim_time"].iloc[-1] < 30 * 3600  # bounded
+    crash = int((df["sim_time"] >= 2.0).idxmax())
+    after = df.iloc[crash:]
+    assert after["global_round"].iloc[-1] > after["global_round"].iloc[0] + 5  # rounds keep completing
+    assert after["test_accuracy"].iloc[-5:].mean() > after["test_accuracy"].iloc[0]
+
+
+def test_communication_summary_counts_per_node_load(write_scenario, tmp_path):
+    import json
+
+    path = write_scenario(MODEST.replace("rounds = 8", "rounds = 8\ntarget_accuracy = 0.12"))
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "modest" / "summary.json").read_text())
+    assert summary["server_bytes"] == 0 and summary["total_bytes"] > 0
+    assert 0 < summary["gini_bytes_per_node"] < 1
+    assert summary["bytes_to_target"] is None or summary["bytes_to_target"] <= summary["total_bytes"]
+
+
+def test_gini():
+    assert gini(np.ones(10)) == pytest.approx(0.0)
+    assert gini(np.array([0, 0, 0, 10.0])) == pytest.approx(0.75)
