@@ -185,6 +185,7 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
     best = int(df["test_accuracy"].idxmax())
     summary = {
         "name": ctx.spec.run_name,
+        "swept": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in ctx.spec.swept.items()},
         "rounds": int(df["round"].iloc[-1]),
         "final_accuracy": float(df["test_accuracy"].iloc[-1]),
         "best_accuracy": float(df["test_accuracy"].iloc[best]),

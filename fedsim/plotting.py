@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
@@ -70,6 +71,8 @@ def load_runs(runs: list[Path], by: str) -> pd.DataFrame:
     for run in runs:
         scenario = tomllib.loads((run / "scenario.toml").read_text())
         value = lookup(scenario, by)
+        if value is None and (run / "summary.json").is_file():  # a swept label such as `cases`
+            value = json.loads((run / "summary.json").read_text()).get("swept", {}).get(by)
         if value is None:
             raise FedsimError(f"key '{by}' is not in this run's scenario", file=str(run / "scenario.toml"))
         df = pd.read_csv(run / "metrics.csv")

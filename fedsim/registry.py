@@ -19,7 +19,7 @@ from .errors import UnknownNameError
 
 T = TypeVar("T")
 
-_BUILTIN_MODULES = ("fedsim.algorithms", "fedsim.topologies", "fedsim.data", "fedsim.models")
+_BUILTIN_MODULES = ("fedsim.algorithms", "fedsim.topologies", "fedsim.data", "fedsim.models", "fedsim.pretrained")
 
 
 class Registry(Generic[T]):

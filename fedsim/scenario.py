@@ -264,20 +264,32 @@ def set_dotted(raw: dict[str, Any], key: str | list[str], value: Any, source: st
 
 
 def merge_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Like `set_dotted`, but a table merges into the table already there: a sweep over
-    `algorithm = [{name = "fedavg"}, {name = "fedcompass", q_max = 50}]` keeps the shared keys of
-    the file's [algorithm] table and adds each point's own."""
+    """Like `set_dotted`, but a table merges (recursively) into the table already there: a sweep
+    over `algorithm = [{name = "fedavg"}, {name = "fedcompass", q_max = 50}]` keeps the shared
+    keys of the file's [algorithm] table and adds each point's own."""
     parts = key.split(".")
     node: Any = raw
     for part in parts:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(value, dict) and isinstance(node, dict):
-        value = {**node, **value}
+        value = deep_merge(node, value)
     set_dotted(raw, key, value, source)
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
-    """The cartesian product of the `[sweep]` lists, each point validated on its own."""
+    """The cartesian product of the `[sweep]` lists, each point validated on its own.
+
+    `cases = [{...}, {...}]` is a list of whole-scenario overrides (each merged into the file, an
+    optional `label` naming it), for comparisons whose points differ in several keys at once, such
+    as a server method against a graph method that needs a [topology].
+    """
     sweep = raw.get("sweep")
     if sweep is None:
         return [validate(raw, source, {})]
@@ -288,17 +300,25 @@ def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
             raise ScenarioError("expected a non-empty list of values", file=source, key=f"sweep.{key}")
         if key.split(".")[0] == "sweep":
             raise ScenarioError("a sweep cannot sweep itself", file=source, key=f"sweep.{key}")
+    for i, case in enumerate(sweep.get("cases", [])):
+        if not isinstance(case, dict):
+            raise ScenarioError("expected a table of overrides", file=source, key=f"sweep.cases[{i}]")
     base = {k: v for k, v in raw.items() if k != "sweep"}
     specs = []
     for combo in itertools.product(*sweep.values()):
         point = copy.deepcopy(base)
         swept = dict(zip(sweep, combo))
         for key, value in swept.items():
-            merge_dotted(point, key, value, source)
+            if key == "cases":
+                case = dict(value)
+                swept[key] = str(case.pop("label", _short(case.get("algorithm", case))))
+                point = deep_merge(point, case)
+            else:
+                merge_dotted(point, key, value, source)
         specs.append(validate(point, source, swept))
     names = [spec.run_name for spec in specs]
     if len(set(names)) != len(names):
-        raise ScenarioError("two sweep points give the same run name", file=source, key="sweep")
+        raise ScenarioError("two sweep points give the same run name (give cases a label)", file=source, key="sweep")
     return specs
 
 
@@ -442,6 +462,8 @@ def _expected(err: Mapping[str, Any]) -> str:
 
 def _label(key: str) -> str:
     """`algorithm.lr` -> `lr`, but `algorithm.name` -> `algorithm`: short and unambiguous."""
+    if key == "cases":
+        return "case"
     parts = key.split(".")
     return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
