@@ -24,6 +24,8 @@ class FedBuffConfig(AsyncConfig):
 
 
 class FedBuff(AsyncServer):
+    STATE = AsyncServer.STATE + ("buffer",)
+
     def __init__(self, cfg: FedBuffConfig, ctx: RunContext):
         trainer = SGDTrainer.from_config(cfg)
         steps = np.array([trainer.num_steps(int(n)) for n in ctx.data.num_examples()])

@@ -24,8 +24,10 @@ from pydantic import Field, model_validator
 
 from fedsim import RunContext, SGDTrainer, register_algorithm
 from fedsim.asynchronous import Arrival, AsyncConfig, AsyncServer
+from fedsim.checkpoint import checkpointable
 
 
+@checkpointable
 @dataclass
 class Group:
     expected: float  # E_g
@@ -76,6 +78,8 @@ class FedCompassConfig(AsyncConfig):
 
 
 class FedCompass(AsyncServer):
+    STATE = AsyncServer.STATE + ("speed", "q", "began", "stamp", "group_of", "groups", "general", "_next_group")
+
     def __init__(self, cfg: FedCompassConfig, ctx: RunContext):
         trainer = SGDTrainer.from_config(cfg)
         super().__init__(ctx, cfg, trainer, default_round_seconds=float(np.median(cfg.q_max * ctx.system.step_time)))

@@ -78,6 +78,8 @@ class GossipConfig(LocalSGDConfig):
 class GossipLearning:
     """Event-driven gossip: jobs finish, models travel and merges happen in simulated-time order."""
 
+    STATE = ("X", "buffers", "jobs_done", "idle", "queue", "jobs", "merges")
+
     def __init__(self, cfg: GossipConfig, ctx: RunContext):
         from fedsim.topologies import require_connected
 

@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import Field
 
 from fedsim import LocalSGDConfig, Params, RunContext, SGDTrainer, TrainJob, make_batch, register_algorithm, weighted_sum
+from fedsim.checkpoint import checkpointable
 from fedsim.clock import EventQueue
 from fedsim.jobs import JobPool
 from fedsim.params import clone, num_bytes
@@ -39,6 +40,7 @@ from fedsim.training import ClientResult
 SMALL_MESSAGE = 64  # bytes of a ping, pong or acknowledgement
 
 
+@checkpointable
 class View:
     """A node's population view, as two arrays over node ids. Copy-on-write: nodes share one
     object until one of them learns something new, so 10,000 nodes cost one view, not 10,000."""
@@ -82,6 +84,7 @@ class MoDeSTConfig(LocalSGDConfig):
     max_round_seconds: float = Field(3600.0, gt=0)  # a recorded round gives up waiting after this
 
 
+@checkpointable
 @dataclass
 class Collection:
     """What one aggregator has received for one round."""
@@ -91,6 +94,11 @@ class Collection:
 
 
 class MoDeST:
+    STATE = (
+        "queue", "jobs", "views", "genesis", "pending", "r_hat", "known_model", "collections", "acked", "tried",
+        "initial", "models", "latest", "joined", "left", "dropped_rounds", "_round", "_started",
+    )
+
     def __init__(self, cfg: MoDeSTConfig, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
         n = ctx.data.num_clients

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from .checkpoint import checkpointable
 from .clock import EventQueue
 from .jobs import JobPool
 from .ledger import SERVER
@@ -53,6 +54,7 @@ def staleness_weight(tau: int | np.ndarray, kind: str = "polynomial", a: float =
     return float(out) if out.ndim == 0 else out
 
 
+@checkpointable
 @dataclass
 class Arrival:
     """A finished job as the server sees it."""
@@ -71,6 +73,8 @@ class Arrival:
 
 
 class AsyncServer:
+    STATE: tuple[str, ...] = ("params", "version", "jobs_started", "idle", "queue", "jobs", "_pending", "_round")
+
     def __init__(self, ctx: "RunContext", cfg: AsyncConfig, trainer: Trainer, default_round_seconds: float):
         self.ctx = ctx
         self.cfg = cfg

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="simulate the runs a scenario file describes")
-    run.add_argument("scenario", help="scenario TOML file")
+    run.add_argument("scenario", nargs="?", help="scenario TOML file (not with --resume)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     run.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key by its dotted path, e.g. --set algorithm.lr=0.1")
@@ -65,14 +66,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .coordinator import RunOptions, run_all
+    from .coordinator import RunOptions, resume, run_all
     from .scenario import load
 
-    specs = load(args.scenario, args.overrides)
     if args.workers is not None and args.workers < 1:
         raise FedsimError("--workers: expected an integer >= 1")
     options = RunOptions(executor=args.executor, workers=args.workers, address=args.address,
                          progress=not args.no_progress)
+    if args.resume:
+        if args.scenario or args.overrides:
+            raise FedsimError("--resume takes the run folder alone (its scenario.toml is the scenario)")
+        print(f"{resume(args.resume, options)}: metrics.csv, summary.json, convergence.png")
+        return 0
+    if not args.scenario:
+        raise FedsimError("run: give a SCENARIO file, or --resume RUN_DIR")
+    specs = load(args.scenario, args.overrides)
     dirs = run_all(specs, args.out, options)
     for d in dirs:
         print(f"{d}: metrics.csv, summary.json, convergence.png")

@@ -10,6 +10,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import checkpointable
+
 
 class Clock:
     def __init__(self, now: float = 0.0):
@@ -21,6 +23,7 @@ class Clock:
         self.now = t
 
 
+@checkpointable
 @dataclass(order=True)
 class Event:
     time: float
@@ -35,6 +38,8 @@ class EventQueue:
     The insertion counter is the tie-break, so two events at the same instant never fall back to
     comparing payloads and the order does not depend on which real computation finished first.
     """
+
+    STATE = ("_heap", "_seq")
 
     def __init__(self) -> None:
         self._heap: list[Event] = []

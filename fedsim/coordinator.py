@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ import tomli_w
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, checkpoint
 from .aggregation import Aggregator, build_aggregator
 from .clock import Clock
 from .data import FederatedData, build_federated_data
@@ -117,6 +117,20 @@ class RunContext:
         with torch_threads(self.spec.scenario.system.threads_per_worker):
             return evaluate(self.model, params, self.data.x_test, self.data.y_test)
 
+    def state(self) -> dict[str, Any]:
+        """The simulation state the context owns, for checkpoints."""
+        return {
+            "now": self.clock.now, "sent": self.ledger.sent, "received": self.ledger.received,
+            "busy": self.busy, "messages": self.failures._messages,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.clock.now = state["now"]
+        self.ledger.sent[:] = state["sent"]
+        self.ledger.received[:] = state["received"]
+        self.busy[:] = state["busy"]
+        self.failures._messages = state["messages"]
+
     def close(self) -> None:
         for executor in self._executors:
             executor.close()
@@ -130,14 +144,27 @@ def _located(build: Any, spec: RunSpec, key: str) -> Any:
         raise exc.located(file=spec.source, key=key) from None
 
 
-def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOptions()) -> Path:
-    """Simulate one run; returns its folder (metrics.csv, summary.json, convergence.png, scenario.toml)."""
+def run(
+    spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOptions(), *, run_dir: Path | None = None,
+    resume: bool = False,
+) -> Path:
+    """Simulate one run; returns its folder (metrics.csv, summary.json, convergence.png, scenario.toml).
+
+    With `resume`, the run continues from `run_dir/checkpoint.pt`: rows written after that
+    checkpoint are dropped and recomputed, so the curves equal those of an uninterrupted run.
+    """
     s = spec.scenario
-    run_dir = Path(out) / spec.run_name
+    run_dir = run_dir or Path(out) / spec.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_scenario(spec, run_dir / "scenario.toml")
-    start = time.perf_counter()
-    history = History(run_dir / "metrics.csv")
+    ckpt_path = run_dir / "checkpoint.pt"
+    saved = checkpoint.load(ckpt_path) if resume else None
+    if saved is not None:
+        spec = replace(spec, swept=checkpoint.decode(saved["swept"]))
+    else:
+        write_resolved_scenario(spec, run_dir / "scenario.toml")
+    rows = checkpoint.decode(saved["history"]) if saved is not None else []
+    start = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
+    history = History(run_dir / "metrics.csv", rows)
     ctx = RunContext(spec, options)
     # Server-side tensor work (aggregation, mixing, evaluation) runs with the fixed thread count
     # too: idle OpenMP threads spin for a while after each op, which on a small machine steals the
@@ -145,15 +172,25 @@ def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOption
     with torch_threads(s.system.threads_per_worker):
         try:
             flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
-            _record(history, ctx, flow, 0, {}, start)
-            bar = tqdm(total=s.rounds, desc=spec.run_name, unit="round", disable=None if options.progress else True)
+            first = 1
+            if saved is not None:
+                checkpoint.restore(flow, saved["flow"])
+                ctx.load_state(checkpoint.decode(saved["ctx"]))
+                first = int(saved["round"]) + 1
+            else:
+                _record(history, ctx, flow, 0, {}, start)
+            bar = tqdm(total=s.rounds, initial=first - 1, desc=spec.run_name, unit="round",
+                       disable=None if options.progress else True)
             with bar:
-                for r in range(1, s.rounds + 1):
+                for r in range(first, s.rounds + 1):
                     train_metrics = flow.step(r)
                     out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
                     if r % s.eval_every == 0 or r == s.rounds or out_of_time:
                         row = _record(history, ctx, flow, r, train_metrics, start)
                         bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
+                        evaluations = len(history.rows) - 1
+                        if s.checkpoint_every and evaluations % s.checkpoint_every == 0:
+                            save_checkpoint(ckpt_path, spec, ctx, flow, history, r)
                     bar.update(1)
                     if out_of_time:
                         break
@@ -164,6 +201,28 @@ def run(spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOption
     write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
     plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
     return run_dir
+
+
+def save_checkpoint(path: Path, spec: RunSpec, ctx: RunContext, flow: Flow, history: History, r: int) -> None:
+    checkpoint.save(path, {
+        "round": r,
+        "swept": checkpoint.encode(spec.swept),
+        "history": checkpoint.encode(history.rows),
+        "ctx": checkpoint.encode(ctx.state()),
+        "flow": checkpoint.capture(flow),
+    })
+
+
+def resume(run_dir: str | Path, options: RunOptions = RunOptions()) -> Path:
+    """Continue the run in `run_dir` from its last checkpoint (see `run`)."""
+    from .errors import ScenarioError
+    from .scenario import load
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ScenarioError("no checkpoint.pt to resume from (is this a run folder?)", file=str(run_dir))
+    (spec,) = load(run_dir / "scenario.toml")
+    return run(spec, run_dir.parent, options, run_dir=run_dir, resume=True)
 
 
 def _record(history: History, ctx: RunContext, flow: Flow, r: int, train: dict[str, float], start: float) -> dict[str, Any]:

@@ -127,6 +127,8 @@ class GraphRounds:
     graph is drawn every round from the topology's factory with a seed derived from the round.
     """
 
+    STATE = ("X",)
+
     def __init__(self, ctx: "RunContext", *, trainer: Trainer, gossip_steps: int, init: str, eval_nodes: int, purpose: str):
         if ctx.graph is None:
             raise TopologyError("this method runs on a graph: add a [topology] table", key="topology")

@@ -19,10 +19,13 @@ BASE_COLUMNS = ["round", "sim_time", "wall_time", "test_accuracy", "test_loss", 
 
 
 class History:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]] | None = None):
+        """A new file, or (resuming) one holding exactly `rows`."""
         self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
         self.columns: list[str] = list(BASE_COLUMNS)
+        for row in self.rows:
+            self.columns += [k for k in row if k not in self.columns]
         self._write_all()
 
     def append(self, row: dict[str, Any]) -> None:

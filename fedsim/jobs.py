@@ -17,6 +17,8 @@ from .training import ClientResult, TrainJob
 
 
 class JobPool:
+    STATE = ("_waiting", "_done", "calls")
+
     def __init__(self, executor: Executor):
         self.executor = executor
         self._waiting: dict[Hashable, tuple[TrainJob, Params]] = {}

@@ -129,6 +129,7 @@ class Scenario(Section):
     eval_every: int = Field(1, ge=1)
     sim_time_budget: float | None = Field(None, gt=0)  # stop once simulated time reaches this
     target_accuracy: float | None = Field(None, gt=0, le=1)  # summary: time and bytes to reach it
+    checkpoint_every: int = Field(10, ge=0)  # evaluations between checkpoints; 0 = never
     data: DataConfig = DataConfig()
     model: NamedSection = NamedSection(name="mlp")
     topology: TopologyConfig | None = None

@@ -29,6 +29,8 @@ class ServerRounds:
     the round's hash order (MoDeST's sample, for like-for-like comparisons).
     """
 
+    STATE = ("params", "aggregator_state")
+
     def __init__(
         self,
         ctx: "RunContext",
@@ -50,6 +52,16 @@ class ServerRounds:
         self.download_bytes = download_bytes
         self.upload_bytes = upload_bytes
         self.params: Params = clone(ctx.init_params)
+
+    @property
+    def aggregator_state(self) -> dict[str, object]:
+        """What the rule has learnt across rounds: its attributes ending in `_` (scikit-learn's rule)."""
+        return {k: v for k, v in vars(self.aggregator).items() if k.endswith("_")}
+
+    @aggregator_state.setter
+    def aggregator_state(self, state: dict[str, object]) -> None:
+        for k, v in state.items():
+            setattr(self.aggregator, k, v)
 
     def sample(self, round: int) -> np.ndarray:
         n = self.ctx.data.num_clients

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from .checkpoint import checkpointable
 from .params import Params, from_numpy
 from .scenario import AlgorithmConfig
 
@@ -34,6 +35,7 @@ class LocalSGDConfig(AlgorithmConfig):
     local_steps: int | None = Field(None, ge=1)
 
 
+@checkpointable
 @dataclass(frozen=True)
 class TrainJob:
     """One client's work in one round.
@@ -49,6 +51,7 @@ class TrainJob:
     steps: int | None = None
 
 
+@checkpointable
 @dataclass
 class ClientResult:
     """What a client sends back. `extras` carries payloads that are not parameters (projected
