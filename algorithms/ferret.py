@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -336,9 +336,10 @@ def upload_bytes(result: ClientResult) -> int:
 class FerretRule:
     """Aggregate coordinates, regenerate the directions once, apply the reconstructed update.
 
-    Settings are the scenario's; `plan_`, `seeds_for_` and `rounds_` are attached by the flow that
-    owns the rule (the blocks and seed pool depend on the model and the run), `buffer_` is the
-    server momentum state and `stats_` the last round's figures.
+    Settings are the scenario's. The blocks, the seed pool and the run's length depend on the
+    model and the run, so the flow that owns the rule hands them over with `bind`; they are
+    configuration, not learnt state, hence not attributes ending in `_`. Learnt state: `buffer_`
+    (server momentum on the coordinates) and `stats_` (the last round's figures).
     """
 
     def __init__(
@@ -359,8 +360,14 @@ class FerretRule:
         self.equal_weights = equal_weights
         self.directions = directions
 
+    def bind(self, plan: Sequence[Block], seeds_for: Callable[[int], list[int]], rounds: int) -> "FerretRule":
+        self._plan = tuple(plan)
+        self._seeds_for = seeds_for
+        self._rounds = rounds
+        return self
+
     def lr_at(self, round: int) -> float:
-        total = getattr(self, "rounds_", None) or round
+        total = getattr(self, "_rounds", None) or round
         r, hi, lo = round - 1, self.server_lr, self.server_lr_min
         if self.anneal == "linear":
             return lo + (hi - lo) * (1.0 - r / total)
@@ -369,8 +376,10 @@ class FerretRule:
         return hi
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        plan: tuple[Block, ...] = self.plan_
-        seeds = self.seeds_for_(round)
+        if not hasattr(self, "_plan"):
+            raise RuntimeError("FerretRule needs the model's blocks and seed pool: use it through the ferret algorithm")
+        plan = self._plan
+        seeds = self._seeds_for(round)
         gam = batch.params[GAMMA].to(torch.float64)
         if self.equal_weights:
             w = torch.full((len(batch),), 1.0 / len(batch), dtype=torch.float64)
@@ -452,9 +461,7 @@ def ferret(cfg: FerretConfig, ctx: RunContext) -> ReportingRounds:
         server_lr=cfg.server_lr, server_lr_min=cfg.server_lr_min, anneal=cfg.anneal, momentum=cfg.server_momentum,
         clip=cfg.clip, equal_weights=cfg.equal_weights, directions=cfg.directions,
     )
-    rule.plan_ = plan
-    rule.seeds_for_ = trainer.seeds
-    rule.rounds_ = ctx.spec.scenario.rounds
+    rule.bind(plan, trainer.seeds, ctx.spec.scenario.rounds)
     trainable = {n for b in plan for n in b.names}
     coordinates_down = 4 * len(plan) * cfg.K
 

@@ -145,6 +145,10 @@ class GossipLearning:
             self.idle[i] = True
             return
         result = self.jobs.result((i, k))
+        if not self.ctx.screen([result], round):  # failed or dropped: keep training the old model
+            self.jobs_done[i] += 1
+            self._start(i, now)
+            return
         self.losses.append(result.metrics["train_loss"])
         for name, t in result.params.items():
             self.X[name][i] = t

@@ -210,6 +210,8 @@ class MoDeST:
             self.jobs.cancel((trainer, round))
             return
         result = self.jobs.result((trainer, round))
+        if not self.ctx.screen([result], self._round):
+            return  # failed or dropped: like a trainer that crashed this round
         self.losses.append(result.metrics["train_loss"])
         self._deliver(trainer, round, result, now, skip=0)
 

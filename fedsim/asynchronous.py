@@ -168,7 +168,7 @@ class AsyncServer:
                     continue
                 arrival.result = self.jobs.result(event.payload)
                 self.ctx.ledger.transfer(arrival.client, SERVER, self.nbytes)
-                if not failures.delivered():
+                if not failures.delivered() or not self.ctx.screen([arrival.result], round):
                     self.idle[arrival.client] = True
                     continue
                 self.losses.append(arrival.result.metrics["train_loss"])

@@ -8,6 +8,7 @@ algorithm; no module-level state is read or written, so two runs in one process 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from .plotting import plot_run
 from .scenario import RunSpec
 from .seeding import generator
 from .system import SystemModel
-from .training import Trainer, evaluate, get_params, torch_threads
+from .training import ClientResult, Trainer, evaluate, get_params, torch_threads
 
 
 class Flow(Protocol):
@@ -74,6 +75,8 @@ class RunContext:
         self.ledger = Ledger(self.data.num_clients)
         self.busy = np.zeros(self.data.num_clients)  # simulated seconds each client spent on jobs
         self.failures = FailureModel(s.system.failures, self.data.num_clients, s.seed)
+        self.first_bad: tuple[int, int] | None = None  # (client, round) of the first non-finite update
+        self.dropped_updates = 0
         self.aggregator: Aggregator | None = None
         if s.aggregator is not None:
             agg = s.aggregator
@@ -96,7 +99,7 @@ class RunContext:
         s = self.spec.scenario
         spec = WorkerSpec(
             s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
-            trainer, s.system.threads_per_worker,
+            trainer, s.system.threads_per_worker, s.system.on_client_error,
         )
         kind = self.options.executor or s.system.executor
         executor: Executor
@@ -117,11 +120,25 @@ class RunContext:
         with torch_threads(self.spec.scenario.system.threads_per_worker):
             return evaluate(self.model, params, self.data.x_test, self.data.y_test)
 
+    def screen(self, results: list[ClientResult], round: int) -> list[ClientResult]:
+        """The results a flow may use: jobs that failed and (with on_divergence = "drop")
+        non-finite updates are removed and counted; otherwise the first bad one is remembered and
+        reported at the next evaluation."""
+        kept = [r for r in results if not r.metrics.get("failed")]
+        bad = [r for r in kept if r.metrics.get("nonfinite")]
+        if not bad:
+            return kept
+        if self.spec.scenario.system.on_divergence == "drop":
+            self.dropped_updates += len(bad)
+            return [r for r in kept if not r.metrics.get("nonfinite")]
+        self.first_bad = self.first_bad or (bad[0].client_id, round)
+        return kept
+
     def state(self) -> dict[str, Any]:
         """The simulation state the context owns, for checkpoints."""
         return {
             "now": self.clock.now, "sent": self.ledger.sent, "received": self.ledger.received,
-            "busy": self.busy, "messages": self.failures._messages,
+            "busy": self.busy, "messages": self.failures._messages, "dropped_updates": self.dropped_updates,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -130,6 +147,7 @@ class RunContext:
         self.ledger.received[:] = state["received"]
         self.busy[:] = state["busy"]
         self.failures._messages = state["messages"]
+        self.dropped_updates = state["dropped_updates"]
 
     def close(self) -> None:
         for executor in self._executors:
@@ -235,8 +253,27 @@ def _record(history: History, ctx: RunContext, flow: Flow, r: int, train: dict[s
         "bytes_sent": ctx.ledger.total,
     }
     row.update({k: v for k, v in train.items() if k not in row})
+    if ctx.spec.scenario.system.on_divergence == "drop":
+        row["dropped_updates"] = ctx.dropped_updates
     history.append(row)
+    check_divergence(ctx, history, r)
     return row
+
+
+def check_divergence(ctx: RunContext, history: History, r: int) -> None:
+    """Stop (exit code 3) when the model went non-finite or its test loss exploded."""
+    from .errors import DivergenceError
+
+    loss = history.rows[-1]["test_loss"]
+    initial = history.rows[0]["test_loss"]
+    if ctx.first_bad is not None:
+        client, k = ctx.first_bad
+        raise DivergenceError(f"diverged: client or node {client} sent a non-finite update in round {k} "
+                              f"(seen at the evaluation of round {r}; on_divergence = \"drop\" discards such updates)",
+                              key="system.on_divergence")
+    if not math.isfinite(loss) or loss > ctx.spec.scenario.system.divergence_factor * initial:
+        raise DivergenceError(f"diverged: test loss {loss:.4g} at round {r} (initial {initial:.4g}); "
+                              "lower the learning rate", key="algorithm.lr")
 
 
 def write_summary(history: History, ctx: RunContext, path: Path, wall: float) -> dict[str, Any]:

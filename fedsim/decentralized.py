@@ -164,11 +164,12 @@ class GraphRounds:
         ctx = self.ctx
         alive = ctx.failures.alive_mask(ctx.clock.now, round)
         active = np.flatnonzero(alive)
-        results = self.executor.train(self.X, [TrainJob(int(i), round, row=int(i)) for i in active])
-        if len(results):
+        results = ctx.screen(self.executor.train(self.X, [TrainJob(int(i), round, row=int(i)) for i in active]), round)
+        if results:  # a node whose job failed or was dropped keeps its model
+            rows = [r.client_id for r in results]
             trained = stack([r.params for r in results])
             for name, t in trained.items():
-                self.X[name][active] = t
+                self.X[name][rows] = t
         nbytes = sum(t[0].numel() * t.element_size() for t in self.X.values())
         W, senders, receivers = self.W, self.senders, self.receivers
         for q in range(self.gossip_steps):

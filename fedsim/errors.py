@@ -43,3 +43,16 @@ class DataError(FedsimError):
 
 class TopologyError(FedsimError):
     """A graph that cannot be built or does not have the property a method needs."""
+
+
+class ClientError(FedsimError):
+    """A trainer or other plugin raised while working for a client: a bug to report, not bad input.
+    The run stops with its rows kept (exit code 1), unless the scenario treats it as a failure."""
+
+    exit_code = 1
+
+
+class DivergenceError(FedsimError):
+    """The model went non-finite or its loss exploded (exit code 3)."""
+
+    exit_code = 3

@@ -19,7 +19,8 @@ import torch
 
 from .data import FederatedData
 from .models import build_model
-from .params import Params, from_numpy, to_numpy
+from .errors import ClientError
+from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
 from .training import ClientResult, TrainJob, Trainer, torch_threads
 
@@ -35,6 +36,7 @@ class WorkerSpec:
     seed: int
     trainer: Trainer
     threads: int = 1
+    on_client_error: str = "stop"
 
 
 class Worker:
@@ -53,7 +55,17 @@ class Worker:
                 params = tensors if job.row is None else {k: v[job.row] for k, v in tensors.items()}
                 x, y = self.data.client(job.client_id)
                 rng = generator(self.spec.seed, "train", job.client_id, job.round)
-                new, metrics = self.spec.trainer.train(self.model, params, x, y, job, rng)
+                try:
+                    new, metrics = self.spec.trainer.train(self.model, params, x, y, job, rng)
+                except Exception as exc:  # a plugin's bug: name it, and the client, for the user
+                    if self.spec.on_client_error == "stop":
+                        raise ClientError(
+                            f"trainer {type(self.spec.trainer).__name__} raised {exc!r} on client "
+                            f"{job.client_id} in round {job.round}"
+                        ) from exc
+                    new, metrics = {k: v.clone() for k, v in params.items()}, {"train_loss": float("nan"), "steps": 0.0, "failed": 1.0}
+                if not is_finite(new) or not math.isfinite(metrics.get("train_loss", 0.0)):
+                    metrics["nonfinite"] = 1.0
                 results.append(ClientResult(job.client_id, new, len(y), metrics))
         return results
 
@@ -102,6 +114,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+MAX_ACTOR_RESTARTS = 3
+
+
 class RayExecutor:
     """A fixed pool of Ray actors, each hosting many virtual clients.
 
@@ -129,9 +144,11 @@ class RayExecutor:
             n_actors = math.ceil(data.num_clients / clients_per_actor)
         else:
             n_actors = workers or cpus
-        remote = ray.remote(Worker).options(num_cpus=min(1.0, cpus / n_actors))
-        data_ref = ray.put(data)
-        self.actors = [remote.remote(data_ref, spec) for _ in range(n_actors)]
+        self._remote = ray.remote(Worker).options(num_cpus=min(1.0, cpus / n_actors), max_restarts=0)
+        self._data_ref = ray.put(data)
+        self._spec = spec
+        self.actors = [self._remote.remote(self._data_ref, spec) for _ in range(n_actors)]
+        self.replaced = 0
 
     def _assign(self, jobs: Sequence[TrainJob]) -> list[list[int]]:
         groups: list[list[int]] = [[] for _ in self.actors]
@@ -144,21 +161,37 @@ class RayExecutor:
         return groups
 
     def train(self, shared: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
+        """Run the jobs on the pool. An actor that dies (killed, out of memory) is replaced and
+        its jobs run again on the new one; since every job's randomness derives from its ids, the
+        results are those the dead actor would have returned."""
         import ray
+        from ray.exceptions import RayActorError, RayTaskError
 
         shared_ref = ray.put(to_numpy(shared))
-        groups = self._assign(jobs)
-        calls = [
-            (idx, actor.run_numpy.remote(shared_ref, [jobs[i] for i in idx]))
-            for actor, idx in zip(self.actors, groups)
-            if idx
-        ]
         results: list[ClientResult | None] = [None] * len(jobs)
-        for idx, ref in calls:
-            for i, result in zip(idx, ray.get(ref)):
-                result.params = from_numpy(result.params)  # type: ignore[arg-type]
-                results[i] = result
-        return results  # type: ignore[return-value]
+        pending = {a: idx for a, idx in enumerate(self._assign(jobs)) if idx}
+        for attempt in range(MAX_ACTOR_RESTARTS + 1):
+            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx]) for a, idx in pending.items()}
+            failed = {}
+            for a, ref in calls.items():
+                try:
+                    out = ray.get(ref)
+                except RayActorError:
+                    failed[a] = pending[a]
+                    continue
+                except RayTaskError as exc:  # the job itself raised: report the original error
+                    cause = exc.cause if isinstance(exc.cause, Exception) else exc
+                    raise cause from None
+                for i, result in zip(pending[a], out):
+                    result.params = from_numpy(result.params)  # type: ignore[arg-type]
+                    results[i] = result
+            if not failed:
+                return results  # type: ignore[return-value]
+            for a in failed:
+                self.actors[a] = self._remote.remote(self._data_ref, self._spec)
+                self.replaced += 1
+            pending = failed
+        raise RuntimeError(f"Ray actors kept dying ({MAX_ACTOR_RESTARTS} replacements in one round)")
 
     def close(self) -> None:
         import ray

@@ -105,6 +105,9 @@ class SystemConfig(Section):
     trace: str | None = None  # CSV: client, step_time[, bandwidth_mbps, latency_ms]; overrides draws
     link: LinkConfig = LinkConfig()
     failures: FailuresConfig = FailuresConfig()
+    on_client_error: Literal["stop", "drop"] = "stop"  # drop: the client's job counts as a failure
+    on_divergence: Literal["stop", "drop"] = "stop"  # drop: non-finite updates are discarded
+    divergence_factor: float = Field(100.0, gt=1)  # test loss above this x the initial one diverged
 
 
 class NamedSection(BaseModel):

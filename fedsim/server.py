@@ -77,6 +77,7 @@ class ServerRounds:
         ctx.ledger.transfer(SERVER, sampled, down)
         reached = [int(c) for c in sampled if ctx.failures.alive(int(c), now, round) and ctx.failures.delivered()]
         results = self.executor.train(self.params, [TrainJob(c, round) for c in reached]) if reached else []
+        results = ctx.screen(results, round)
         limit = self.deadline if self.deadline is not None else np.inf
         kept, longest = [], 0.0
         for r in results:

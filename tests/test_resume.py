@@ -91,3 +91,96 @@ def test_sigkill_mid_run_then_resume(write_scenario, tmp_path):
     assert len(metrics(tmp_path / "cut" / "small")) < 41
     assert main(["run", "--resume", str(tmp_path / "cut" / "small"), "--no-progress"]) == 0
     pd.testing.assert_frame_equal(metrics(tmp_path / "cut" / "small"), metrics(tmp_path / "whole" / "small"), check_exact=True)
+
+
+@pytest.mark.slow
+def test_a_killed_ray_actor_is_replaced_and_the_round_rerun(ray_session, write_scenario, tmp_path):
+    """Kill an actor's process by its id while it trains; the results equal an undisturbed run."""
+    import threading
+
+    from fedsim.coordinator import RunContext, RunOptions
+    from fedsim.scenario import load
+    from fedsim.training import TrainJob
+
+    text = SMALL.replace("num_clients = 12", "num_clients = 8").replace("samples_per_client = 60", "samples_per_client = 400")
+    path = write_scenario(text.replace('executor = "inline"', 'executor = "ray"'))
+    spec = load(path)[0]
+    ctx = RunContext(spec, RunOptions(workers=2))
+    flow = spec.algorithm.build(spec.algorithm_config, ctx)
+    executor = flow.executor
+    jobs = [TrainJob(c, 1, steps=1500) for c in range(8)]
+    try:
+        executor.train(flow.params, [TrainJob(c, 1, steps=1) for c in range(8)])  # actors started
+        start = time.perf_counter()
+        expected = executor.train(flow.params, jobs)
+        duration = time.perf_counter() - start
+        victim = ray_pid(executor.actors[1])
+        timer = threading.Timer(duration / 2, os.kill, (victim, signal.SIGKILL))  # mid-round
+        timer.start()
+        got = executor.train(flow.params, jobs)
+        timer.join()
+        assert executor.replaced == 1
+        for a, b in zip(expected, got):
+            assert a.client_id == b.client_id
+            for name in a.params:
+                assert torch.equal(a.params[name], b.params[name])
+    finally:
+        ctx.close()
+
+
+def ray_pid(actor) -> int:
+    import ray
+
+    return ray.get(actor.pid.remote())
+
+
+def test_a_trainer_exception_names_the_plugin_and_client_and_keeps_rows(write_scenario, tmp_path, capsys, monkeypatch):
+    from fedsim.training import SGDTrainer
+
+    original = SGDTrainer.train
+
+    def broken(self, model, params, x, y, job, rng):
+        if job.round == 3 and job.client_id % 2 == 1:
+            raise ValueError("boom")
+        return original(self, model, params, x, y, job, rng)
+
+    monkeypatch.setattr(SGDTrainer, "train", broken)
+    path = write_scenario(SMALL)
+    assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer SGDTrainer raised ValueError('boom') on client" in err[0] and "round 3" in err[0]
+    assert list(metrics(tmp_path / "a" / "small")["round"]) == [0, 1, 2]
+    path = write_scenario(SMALL.replace("[system]", '[system]\non_client_error = "drop"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    df = metrics(tmp_path / "b" / "small")
+    assert df["failures"].iloc[3] > 0 and df["failures"].drop(index=3).fillna(0).sum() == 0
+
+
+def test_divergence_stops_with_exit_3_or_drops_bad_updates(write_scenario, tmp_path, capsys, monkeypatch):
+    from fedsim.training import SGDTrainer
+
+    original = SGDTrainer.train
+
+    def poisoned(self, model, params, x, y, job, rng):
+        new, metrics = original(self, model, params, x, y, job, rng)
+        if job.round == 2 and job.client_id == 5:
+            new = {k: v * float("nan") for k, v in new.items()}
+        return new, metrics
+
+    monkeypatch.setattr(SGDTrainer, "train", poisoned)
+    text = SMALL.replace("clients_per_round = 4", "clients_per_round = 12")
+    path = write_scenario(text)
+    assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "client or node 5" in err and "round 2" in err
+    assert list(metrics(tmp_path / "a" / "small")["round"]) == [0, 1, 2]  # the bad row is on disk too
+    path = write_scenario(text.replace("[system]", '[system]\non_divergence = "drop"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    df = metrics(tmp_path / "b" / "small")
+    assert df["dropped_updates"].iloc[-1] == 1 and df["test_loss"].notna().all()
+
+
+def test_exploding_loss_is_divergence(write_scenario, tmp_path, capsys):
+    path = write_scenario(SMALL.replace("lr = 0.1", "lr = 50.0"))
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 3
+    assert "diverged" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""The memory estimate refuses a scenario that cannot fit, unless forced, and never builds anything big."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fedsim import resources
+from fedsim.errors import ScenarioError
+from fedsim.models import build_model
+from fedsim.scenario import load
+from tests.conftest import SMALL
+
+GiB = 2**30
+
+
+def graph_scenario(num_clients: int, hidden: str = "[32]") -> str:
+    """SMALL as a decentralized run (dfedavg on a ring) with the given size."""
+    text = (
+        SMALL.replace('name = "fedavg"', 'name = "dfedavg"')
+        .replace("clients_per_round = 4\n", "")
+        .replace("num_clients = 12", f"num_clients = {num_clients}")
+        .replace("hidden = [32]", f"hidden = {hidden}")
+    )
+    return text + '\n[topology]\nname = "ring"\n'
+
+
+def spec_of(write_scenario, text: str, name: str = "scenario.toml"):
+    (spec,) = load(write_scenario(text, name))
+    return spec
+
+
+def test_huge_decentralized_scenario_is_refused_unless_forced(write_scenario):
+    spec = spec_of(write_scenario, graph_scenario(10_000_000, "[1000, 1000]"))
+    start = time.perf_counter()
+    with pytest.raises(ScenarioError) as info:
+        resources.check(spec, force=False, available=64 * GiB)
+    assert time.perf_counter() - start < 5, "the estimate must not build the data or the models"
+    message = str(info.value)
+    assert "GiB" in message and "--force" in message and "64.0 GiB available" in message
+    assert info.value.file == spec.source
+    assert info.value.key == "data.num_clients"
+    assert "\n" not in message
+    # 10 million nodes, each keeping ~4 copies of a 1.07M-parameter MLP: over a hundred terabytes
+    assert resources.estimate(spec)["total"] > 100 * 2**40
+    parts = resources.check(spec, force=True, available=64 * GiB)
+    assert parts["total"] > 64 * GiB
+
+
+def test_huge_model_names_the_model(write_scenario):
+    spec = spec_of(write_scenario, SMALL.replace("hidden = [32]", "hidden = [1000000000000000000000000]"))
+    with pytest.raises(ScenarioError) as info:
+        resources.check(spec, force=False, available=64 * GiB)
+    assert info.value.key == "model"
+
+
+def test_small_scenario_passes(write_scenario):
+    spec = spec_of(write_scenario, SMALL)
+    parts = resources.check(spec, force=False, available=4 * GiB)
+    assert 0 < parts["total"] < 1 * GiB
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    # and with the machine's own MemAvailable
+    resources.check(spec, force=False)
+
+
+def test_mem_available_reads_proc_meminfo():
+    available = resources.mem_available()
+    if available is None:
+        pytest.skip("no /proc/meminfo here")
+    assert available > 64 * 2**20
+
+
+def test_estimate_grows_with_num_clients_for_decentralized_methods(write_scenario):
+    totals = [
+        resources.estimate(spec_of(write_scenario, graph_scenario(n), f"g{n}.toml"))
+        for n in (10, 1_000, 100_000)
+    ]
+    assert totals[0]["clients"] < totals[1]["clients"] < totals[2]["clients"]
+    assert totals[0]["total"] < totals[1]["total"] < totals[2]["total"]
+    # one model copy per node at least: the node stack alone is n * model
+    assert totals[2]["clients"] >= 100_000 * totals[2]["model"]
+
+
+def test_server_state_follows_the_cohort_not_the_federation(write_scenario):
+    small = resources.estimate(spec_of(write_scenario, SMALL, "a.toml"))
+    more = SMALL.replace("num_clients = 12", "num_clients = 1200")
+    large = resources.estimate(spec_of(write_scenario, more, "b.toml"))
+    assert small["clients"] == large["clients"]  # same clients_per_round
+    assert small["data"] < large["data"]  # synthetic data grows with the federation
+
+
+def test_model_size_matches_a_built_model(write_scenario):
+    for name, options, shape in [
+        ("mlp", {"hidden": [32, 7]}, (60,)),
+        ("logreg", {}, (1, 28, 28)),
+        ("cnn", {"channels": [4, 8], "hidden": 16}, (1, 28, 28)),
+    ]:
+        model = build_model(name, options, shape, 10, 0)
+        real = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert resources._model_bytes(name, options, shape, 10, 0) == real, name
+        assert resources._meta_bytes(name, options, shape, 10, 0) == real, name
+
+
+def test_fashion_mnist_data_is_counted_from_its_known_size(write_scenario):
+    text = SMALL.replace('dataset = "synthetic"', 'dataset = "fashion_mnist"').replace(
+        'name = "mlp"\nhidden = [32]', 'name = "logreg"'
+    )
+    parts = resources.estimate(spec_of(write_scenario, text))
+    one_copy = 60_000 * (784 * 4 + 8)
+    assert parts["data"] >= one_copy
+    assert parts["model"] == (784 * 10 + 10) * 4
+
+
+def test_ray_executor_counts_the_object_store(write_scenario):
+    inline = resources.estimate(spec_of(write_scenario, SMALL, "i.toml"))
+    ray_text = SMALL.replace('executor = "inline"', 'executor = "ray"\nworkers = 3')
+    ray = resources.estimate(spec_of(write_scenario, ray_text, "r.toml"))
+    assert inline["object_store"] == 0 and ray["object_store"] > 0
+    assert ray["workers"] == 3 * inline["workers"]
