@@ -99,7 +99,7 @@ class RunContext:
         s = self.spec.scenario
         spec = WorkerSpec(
             s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
-            trainer, s.system.threads_per_worker, s.system.on_client_error,
+            trainer, s.system.threads_per_worker, s.system.on_client_error, s.system.vectorize, s.system.chunk_size,
         )
         kind = self.options.executor or s.system.executor
         executor: Executor

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from . import vectorized
 from .data import FederatedData
 from .models import build_model
 from .errors import ClientError
@@ -37,6 +38,8 @@ class WorkerSpec:
     trainer: Trainer
     threads: int = 1
     on_client_error: str = "stop"
+    vectorize: bool | None = None
+    chunk_size: int = 64
 
 
 class Worker:
@@ -46,9 +49,13 @@ class Worker:
         self.data = data
         self.spec = spec
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
+        supported = vectorized.supports(self.model, spec.trainer)
+        self.vectorize = supported if spec.vectorize is None else (spec.vectorize and supported)
 
     def run(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob]) -> list[ClientResult]:
         tensors = from_numpy(shared)
+        if self.vectorize:
+            return self._run_vectorized(tensors, jobs)
         results = []
         with torch_threads(self.spec.threads):
             for job in jobs:
@@ -69,6 +76,27 @@ class Worker:
                 results.append(ClientResult(job.client_id, new, len(y), metrics))
         return results
 
+
+    def _run_vectorized(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
+        """Chunks of `chunk_size` jobs, each trained as one batched computation. Executors hand a
+        worker whole chunks, so chunks are the same whatever the number of workers."""
+        results = []
+        size = self.spec.chunk_size
+        with torch_threads(self.spec.threads):
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start : start + size]
+                params = [tensors if j.row is None else {k: v[j.row] for k, v in tensors.items()} for j in chunk]
+                data = [self.data.client(j.client_id) for j in chunk]
+                rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]
+                try:
+                    trained = vectorized.train_chunk(self.model, self.spec.trainer, params, data, chunk, rngs)  # type: ignore[arg-type]
+                except Exception as exc:
+                    raise ClientError(f"vectorised training of clients {[j.client_id for j in chunk]} raised {exc!r}") from exc
+                for job, (x, y), (new, metrics) in zip(chunk, data, trained):
+                    if not is_finite(new) or not math.isfinite(metrics["train_loss"]):
+                        metrics["nonfinite"] = 1.0
+                    results.append(ClientResult(job.client_id, new, len(y), metrics))
+        return results
 
     def pid(self) -> int:
         """The hosting process's id: to measure its memory, or to kill it in fault tests."""
@@ -151,12 +179,16 @@ class RayExecutor:
         self.replaced = 0
 
     def _assign(self, jobs: Sequence[TrainJob]) -> list[list[int]]:
+        """Job indices per actor: by hosting when clients are pinned, else whole vectorisation
+        chunks spread evenly, so each chunk is trained the same way whatever the worker count."""
         groups: list[list[int]] = [[] for _ in self.actors]
+        size = self._spec.chunk_size
+        chunks = -(-len(jobs) // size)
         for i, job in enumerate(jobs):
             if self.clients_per_actor is not None:
                 actor = job.client_id // self.clients_per_actor
             else:
-                actor = i * len(self.actors) // len(jobs)
+                actor = (i // size) * len(self.actors) // chunks
             groups[actor].append(i)
         return groups
 

@@ -100,6 +100,8 @@ class SystemConfig(Section):
     clients_per_actor: int | None = Field(None, ge=1)
     address: str | None = None
     threads_per_worker: int = Field(1, ge=1)
+    vectorize: bool | None = None  # train cohorts as one batched computation; None = where supported
+    chunk_size: int = Field(64, ge=1)  # clients per vectorised batch
     compute: Annotated[float, Field(gt=0)] | Distribution = Distribution()
     compute_jitter: float = Field(0.0, ge=0)  # lognormal sigma of a per-job slow-down or speed-up
     trace: str | None = None  # CSV: client, step_time[, bandwidth_mbps, latency_ms]; overrides draws

@@ -1,0 +1,108 @@
+"""Vectorised cohorts: many clients' local SGD as one batched computation.
+
+A chunk of clients that share the model architecture trains together: their parameters are stacked
+and `torch.func.vmap` runs forward, backward (and SAM's second gradient) for all of them in one
+call per local step, instead of one small call per client. Every client keeps its own minibatch
+order (drawn from its own generator, exactly as one-after-another training does), its own step
+count, learning rate (per-round decay) and momentum buffer. Minibatches are padded to the trainer's
+batch size with masked rows, a fixed shape, so a client's numbers do not depend on which clients
+share its chunk, and results agree with the sequential trainer to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .params import Params
+from .training import SGDTrainer, TrainJob, minibatches
+
+
+def supports(model: nn.Module, trainer: object) -> bool:
+    """Vectorisable: plain SGD (with momentum, weight decay, SAM) on a model without buffers
+    (BatchNorm statistics would need per-client buffer updates inside vmap)."""
+    return type(trainer) is SGDTrainer and not list(model.buffers())
+
+
+def train_chunk(
+    model: nn.Module,
+    trainer: SGDTrainer,
+    params: Sequence[Params],
+    data: Sequence[tuple[np.ndarray, np.ndarray]],
+    jobs: Sequence[TrainJob],
+    rngs: Sequence[np.random.Generator],
+) -> list[tuple[Params, dict[str, float]]]:
+    k = len(jobs)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    stacked = {n: torch.stack([p[n] for p in params]).detach().clone() for n in params[0]}
+    frozen = {n: t for n, t in stacked.items() if n not in trainable}
+    weights = {n: t for n, t in stacked.items() if n in trainable}
+    steps = [trainer.num_steps(len(y), job) for (x, y), job in zip(data, jobs)]
+    batches = [list(minibatches(len(y), trainer.batch_size, s, rng)) for (x, y), s, rng in zip(data, steps, rngs)]
+    lr = torch.tensor([trainer.lr * trainer.lr_decay ** (job.round - 1) for job in jobs])
+    bs = trainer.batch_size
+    feature_shape = data[0][0].shape[1:]
+
+    def loss_fn(w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(model, {**w, **fixed}, (xb,))
+        per_example = F.cross_entropy(out, yb, reduction="none") * mask
+        loss = per_example.sum() / mask.sum()
+        return loss, loss
+
+    grad_fn = vmap(grad(loss_fn, has_aux=True))
+    momentum: Params = {}
+    totals = torch.zeros(k, dtype=torch.float64)
+    for s in range(max(steps)):
+        active = torch.tensor([s < n for n in steps])
+        xb = torch.zeros((k, bs, *feature_shape), dtype=torch.float32)
+        yb = torch.zeros((k, bs), dtype=torch.int64)
+        mask = torch.zeros((k, bs))
+        for c in range(k):
+            if s < steps[c]:
+                idx = batches[c][s]
+                x, y = data[c]
+                xb[c, : len(idx)] = torch.from_numpy(x[idx])
+                yb[c, : len(idx)] = torch.from_numpy(y[idx])
+                mask[c, : len(idx)] = 1.0
+            else:
+                mask[c, 0] = 1.0  # a finished client computes a throwaway step that is never applied
+        grads, losses = grad_fn(weights, frozen, xb, yb, mask)
+        if trainer.sam_rho > 0:
+            grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho)
+        totals += torch.where(active, losses.double(), 0.0)
+        keep = active.to(torch.float32)
+        for n, w in weights.items():
+            d = grads[n]
+            if trainer.weight_decay:
+                d = d + trainer.weight_decay * w
+            if trainer.momentum:
+                buf = momentum.get(n)
+                buf = d.clone() if buf is None else torch.where(_expand(active, d), trainer.momentum * buf + d, buf)
+                momentum[n] = buf
+                d = buf
+            weights[n] = w - _expand(lr * keep, w) * d
+    out = []
+    for c in range(k):
+        new = {n: (weights[n][c] if n in weights else frozen[n][c]).clone() for n in params[0]}
+        out.append((new, {"train_loss": float(totals[c] / steps[c]), "steps": float(steps[c])}))
+    return out
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-client vector shaped to broadcast against a stacked tensor."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _sam(grad_fn, weights: Params, frozen: Params, grads: Params, xb, yb, mask, rho: float) -> Params:
+    """SAM per client: ascend to w + rho g / ||g|| (norm over all of that client's trainable
+    tensors), take the gradient there on the same minibatch."""
+    norm = torch.sqrt(sum((g.reshape(g.shape[0], -1) ** 2).sum(1) for g in grads.values()))
+    scale = rho / (norm + 1e-12)
+    perturbed = {n: w + _expand(scale, w) * grads[n] for n, w in weights.items()}
+    second, _ = grad_fn(perturbed, frozen, xb, yb, mask)
+    return second
