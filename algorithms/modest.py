@@ -107,7 +107,9 @@ class MoDeST:
             from fedsim import ScenarioError
 
             raise ScenarioError(f"expected at most data.num_clients = {n}", key="algorithm.sample_size")
-        self.jobs = JobPool(ctx.executor(SGDTrainer.from_config(cfg)))
+        self.trainer = SGDTrainer.from_config(cfg)
+        self.sizes = ctx.data.num_examples()
+        self.jobs = JobPool(ctx.executor(self.trainer))
         self.queue = EventQueue()
         failures = ctx.failures
         genesis_member = np.where(failures.joins, -1, 0).astype(np.int16)
@@ -200,7 +202,7 @@ class MoDeST:
         self.learn(trainer, view)
         self.known_model[trainer] = (round, model)
         self.jobs.start((trainer, round), TrainJob(trainer, round), model)
-        steps = SGDTrainer.from_config(self.cfg).num_steps(int(self.ctx.data.num_examples()[trainer]))
+        steps = self.trainer.num_steps(int(self.sizes[trainer]))
         duration = self.ctx.system.compute_time(trainer, steps, job=round)
         self.ctx.busy[trainer] += duration
         self.queue.push(now + duration, "trained", (trainer, round))

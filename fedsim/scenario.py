@@ -42,6 +42,7 @@ class DataConfig(Section):
     synthetic_beta: float = Field(0.5, ge=0)
     test_size: int = Field(2000, ge=1)
     data_dir: str | None = None
+    lazy: bool | None = None  # synthetic: generate clients on demand (default: above 5 M examples)
 
 
 class Distribution(Section):

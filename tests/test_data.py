@@ -321,3 +321,35 @@ def test_mnist_5k_holdout_is_stratified() -> None:
     assert np.unique(test).shape[0] == 1000
     counts = np.bincount(labels[test], minlength=10)
     assert abs(counts[0] - 60) <= 1 and abs(counts[1] - 140) <= 1
+
+
+def test_lazy_synthetic_generates_the_same_clients_on_demand():
+    from types import SimpleNamespace
+
+    from fedsim.data import build_federated_data
+    from fedsim.data.lazy import LazySyntheticData
+
+    cfg = SimpleNamespace(dataset="synthetic", num_clients=30, partition="natural", samples_per_client=20,
+                          synthetic_alpha=0.5, synthetic_beta=0.5, test_size=100, min_examples=2)
+    eager = build_federated_data(cfg, seed=5)
+    lazy = build_federated_data(SimpleNamespace(**vars(cfg), lazy=True), seed=5)
+    assert isinstance(lazy, LazySyntheticData)
+    for c in (0, 7, 29):
+        assert np.array_equal(eager.client(c)[0], lazy.client(c)[0]) and np.array_equal(eager.client(c)[1], lazy.client(c)[1])
+    assert np.array_equal(eager.x_test, lazy.x_test) and np.array_equal(eager.num_examples(), lazy.num_examples())
+
+
+def test_a_million_clients_cost_nothing_until_sampled():
+    import pickle
+    import time
+    from types import SimpleNamespace
+
+    from fedsim.data import build_federated_data
+
+    cfg = SimpleNamespace(dataset="synthetic", num_clients=1_000_000, partition="natural", samples_per_client=50,
+                          synthetic_alpha=0.5, synthetic_beta=0.5, test_size=500, min_examples=2)
+    start = time.perf_counter()
+    data = build_federated_data(cfg, seed=0)
+    assert time.perf_counter() - start < 5
+    x, y = data.client(999_999)
+    assert x.shape == (50, 60) and len(pickle.dumps(data)) < 1_000_000  # ships as a recipe, not data

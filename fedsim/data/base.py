@@ -139,8 +139,11 @@ def build_federated_data(cfg: Any, seed: int) -> FederatedData:
     consumes randomness never changes which client gets which example, and vice versa.
     """
     from .. import registry
+    from .lazy import lazy_synthetic, wants_lazy
     from .partition import partition
 
+    if wants_lazy(cfg):
+        return lazy_synthetic(cfg, seed)  # type: ignore[return-value]  (same interface, generated on demand)
     loader = registry.datasets.get(cfg.dataset)
     pool = loader(cfg, seed)
     if not isinstance(pool, DataPool):

@@ -56,7 +56,7 @@ def synthetic_client(
     return x, y.astype(np.int64)
 
 
-def _round_robin_test(
+def held_out_test(
     seed: int, num_clients: int, test_size: int, alpha: float, beta: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Test example i comes from client i mod K, so any prefix covers the clients evenly."""
@@ -84,7 +84,7 @@ def load_synthetic(cfg: Any, seed: int) -> DataPool:
             f"got {num_clients}, {per_client} and {test_size}"
         )
     clients = [synthetic_client(seed, k, per_client, alpha, beta) for k in range(num_clients)]
-    x_test, y_test = _round_robin_test(seed, num_clients, test_size, alpha, beta)
+    x_test, y_test = held_out_test(seed, num_clients, test_size, alpha, beta)
     return DataPool(
         x_train=np.concatenate([x for x, _ in clients]),
         y_train=np.concatenate([y for _, y in clients]),
