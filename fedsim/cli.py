@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join an existing Ray cluster at this address")
     run.add_argument("--executor", choices=["inline", "ray"], help="where clients train (default: ray)")
     run.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    run.add_argument("--force", action="store_true", help="run even if the memory estimate exceeds what is available")
 
     validate = sub.add_parser("validate", help="check a scenario file without running it")
     validate.add_argument("scenario")
@@ -81,6 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.scenario:
         raise FedsimError("run: give a SCENARIO file, or --resume RUN_DIR")
     specs = load(args.scenario, args.overrides)
+    from .resources import check
+
+    for spec in specs:
+        try:
+            check(spec, force=args.force)
+        except FedsimError as exc:
+            raise exc.located(file=spec.source) from None
     dirs = run_all(specs, args.out, options)
     for d in dirs:
         print(f"{d}: metrics.csv, summary.json, convergence.png")

@@ -88,3 +88,11 @@ def test_no_traceback_in_a_real_process(write_scenario):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "algorithm.lr" in proc.stderr
+
+
+def test_run_refuses_a_scenario_that_cannot_fit_in_memory(capsys, write_scenario, tmp_path):
+    huge = SMALL.replace("num_clients = 12", "num_clients = 10000000").replace('name = "fedavg"\nclients_per_round = 4', 'name = "dpsgd"')
+    path = write_scenario(huge.replace("[system]", '[topology]\nname = "ring"\n\n[system]'))
+    code, err = run_cli(capsys, "run", str(path), "--out", str(tmp_path))
+    assert code == 2 and "GiB" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "small").exists()  # refused before anything was written
