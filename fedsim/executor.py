@@ -130,7 +130,12 @@ class InlineExecutor:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start Ray once per process (dashboard off), or join the cluster at `address`."""
+    """Start Ray once per process (dashboard off), or join the cluster at `address`.
+
+    Without an address Ray is started in this process with `address="local"`: plain `ray.init()`
+    would silently join any cluster started on this machine (another user's `ray start`, another
+    fedsim run's), and two runs would then share, and fight over, one set of CPUs.
+    """
     import ray
 
     if ray.is_initialized():
@@ -139,7 +144,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
 MAX_ACTOR_RESTARTS = 3
