@@ -78,7 +78,7 @@ class GossipConfig(LocalSGDConfig):
 class GossipLearning:
     """Event-driven gossip: jobs finish, models travel and merges happen in simulated-time order."""
 
-    STATE = ("X", "buffers", "jobs_done", "idle", "queue", "jobs", "merges")
+    STATE = ("X", "buffers", "jobs_done", "idle", "uplink_free", "queue", "jobs", "merges")
 
     def __init__(self, cfg: GossipConfig, ctx: RunContext):
         from fedsim.topologies import require_connected
@@ -97,6 +97,7 @@ class GossipLearning:
         self.buffers: list[list[Params]] = [[] for _ in range(n)]
         self.jobs_done = np.zeros(n, dtype=np.int64)
         self.idle = np.zeros(n, dtype=bool)  # down when its last job ended; restarted when back up
+        self.uplink_free = np.zeros(n)  # when each node's uplink has sent everything queued on it
         self.queue = EventQueue()
         self.evaluator = NodeEvaluator(ctx, cfg.eval_nodes)
         sizes = ctx.data.num_examples()
@@ -116,6 +117,7 @@ class GossipLearning:
     def _start(self, i: int, now: float) -> None:
         k = int(self.jobs_done[i])
         self.jobs.start((i, k), TrainJob(i, k + 1), self._node(i))
+        self.ctx.busy[i] += float(self.job_seconds[i])
         self.queue.push(now + float(self.job_seconds[i]), "trained", (i, k))
 
     def step(self, round: int) -> dict[str, float]:
@@ -156,10 +158,15 @@ class GossipLearning:
         # dead neighbours are skipped (a node knows who answers); lost messages still cost bytes
         up = [int(j) for j in self.neighbours[i] if failures.alive(int(j), now, round)]
         if self.jobs_done[i] % self.cfg.push_every == 0 and up:
-            arrival = now + self.ctx.system.transfer_time(i, self.nbytes)
-            for j in up:
+            # copies leave one after another over the node's uplink, queued behind earlier pushes
+            system = self.ctx.system
+            per_copy = self.nbytes / float(system.bandwidth[i])
+            start = max(now, float(self.uplink_free[i]))
+            for n, j in enumerate(up, start=1):
                 if failures.delivered():
-                    self.queue.push(arrival, "received", (j, result.params))
+                    self.queue.push(start + n * per_copy + float(system.latency[i]), "received", (j, result.params))
+            self.uplink_free[i] = start + len(up) * per_copy
+            self.ctx.busy[i] += len(up) * per_copy
             self.ctx.ledger.transfer(i, np.array(up), self.nbytes)
         needed = max(1, math.ceil(self.cfg.buffer_factor * len(up)))
         if self.buffers[i] and len(self.buffers[i]) >= needed:

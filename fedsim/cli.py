@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--x", default="round", choices=["round", "sim_time", "bytes_sent", "wall_time"])
     plot.add_argument("--metric", default="test_accuracy", help="metrics.csv column (default: test_accuracy)")
     plot.add_argument("-o", "--output", default="convergence.png", help="image file to write")
+    plot.add_argument("--title", help="figure title (default: METRIC by KEY)")
     return parser
 
 
@@ -114,7 +115,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_runs
 
-    out = plot_runs(args.runs, by=args.by, out=args.output, x=args.x, metric=args.metric)
+    out = plot_runs(args.runs, by=args.by, out=args.output, x=args.x, metric=args.metric, title=args.title)
     print(out)
     return 0
 

@@ -32,7 +32,7 @@ from .ledger import Ledger
 from .models import build_model
 from .params import Params
 from .plotting import plot_run
-from .scenario import RunSpec
+from .scenario import RunSpec, label
 from .seeding import generator
 from .system import SystemModel
 from .training import ClientResult, Trainer, evaluate, get_params, torch_threads
@@ -218,6 +218,7 @@ def run(
             ctx.close()
     write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
     plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
+    ckpt_path.unlink(missing_ok=True)  # only a run that stopped early needs one
     return run_dir
 
 
@@ -333,7 +334,7 @@ def run_all(specs: list[RunSpec], out: str | Path = "runs", options: RunOptions 
     for spec in specs:
         run_dir = run(spec, out, options)
         dirs.append(run_dir)
-        rows.append({"run_dir": run_dir.name, **{k: str(v) for k, v in spec.swept.items()}})
+        rows.append({"run_dir": run_dir.name, **{k: label(v) for k, v in spec.swept.items()}})
         if len(specs) > 1:
             import pandas as pd
 

@@ -178,9 +178,14 @@ class GraphRounds:
             self.X = mix(W, self.X)
             ctx.ledger.transfer(senders, receivers, nbytes)
         system = ctx.system
-        compute = max((int(r.metrics["steps"]) * system.step_time[r.client_id] for r in results), default=0.0)
-        slowest_link = float((system.latency[senders] + nbytes / system.bandwidth[senders]).max(initial=0.0))
-        ctx.clock.advance_to(ctx.clock.now + float(compute) + self.gossip_steps * slowest_link)
+        compute = np.zeros(self.ctx.data.num_clients)
+        for r in results:
+            compute[r.client_id] = system.compute_time(r.client_id, int(r.metrics["steps"]), job=round)
+        # a node sends one copy per neighbour over its own uplink, one after another
+        copies = np.bincount(senders, minlength=len(compute))
+        sending = np.where(copies > 0, system.latency + copies * nbytes / system.bandwidth, 0.0)
+        ctx.busy += compute + self.gossip_steps * sending
+        ctx.clock.advance_to(ctx.clock.now + float(compute.max(initial=0.0)) + self.gossip_steps * float(sending.max(initial=0.0)))
         losses = [r.metrics["train_loss"] for r in results]
         return {
             "train_loss": float(np.mean(losses)) if losses else float("nan"),

@@ -56,6 +56,9 @@ class Worker:
         tensors = from_numpy(shared)
         if self.vectorize:
             return self._run_vectorized(tensors, jobs)
+        return self._run_sequential(tensors, jobs)
+
+    def _run_sequential(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
         results = []
         with torch_threads(self.spec.threads):
             for job in jobs:
@@ -90,8 +93,9 @@ class Worker:
                 rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]
                 try:
                     trained = vectorized.train_chunk(self.model, self.spec.trainer, params, data, chunk, rngs)  # type: ignore[arg-type]
-                except Exception as exc:
-                    raise ClientError(f"vectorised training of clients {[j.client_id for j in chunk]} raised {exc!r}") from exc
+                except Exception:  # find the client to blame (or drop) one by one
+                    results += self._run_sequential(tensors, chunk)
+                    continue
                 for job, (x, y), (new, metrics) in zip(chunk, data, trained):
                     if not is_finite(new) or not math.isfinite(metrics["train_loss"]):
                         metrics["nonfinite"] = 1.0

@@ -82,7 +82,10 @@ def load_runs(runs: list[Path], by: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def plot_runs(inputs: Iterable[str | Path], by: str, out: str | Path, x: str = "round", metric: str = "test_accuracy") -> Path:
+def plot_runs(
+    inputs: Iterable[str | Path], by: str, out: str | Path, x: str = "round", metric: str = "test_accuracy",
+    title: str | None = None,
+) -> Path:
     """Mean curve per group with a min-max band over the group's runs (seeds, usually)."""
     df = load_runs(find_runs(inputs), by)
     for column in (x, metric):
@@ -99,7 +102,7 @@ def plot_runs(inputs: Iterable[str | Path], by: str, out: str | Path, x: str = "
             ax.fill_between(grid, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel(AXIS_LABELS.get(metric, metric))
-    ax.set_title(f"{metric} by {by}")
+    ax.set_title(title or f"{metric} by {by}")
     ax.grid(alpha=0.3)
     ax.legend(title=by)
     out = Path(out)

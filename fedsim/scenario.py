@@ -479,9 +479,12 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _short(value: Any) -> str:
+def label(value: Any) -> str:
+    """A swept value as runs.csv and run names show it: a table by its name, else its values."""
     if isinstance(value, dict):
-        text = str(value["name"]) if "name" in value else "-".join(map(str, value.values()))
-    else:
-        text = str(value)
-    return text.rsplit(":", 1)[-1].replace("/", "_").replace(" ", "")[:40]
+        return str(value["name"]) if "name" in value else "-".join(map(str, value.values()))
+    return str(value)
+
+
+def _short(value: Any) -> str:
+    return label(value).rsplit(":", 1)[-1].replace("/", "_").replace(" ", "")[:40]

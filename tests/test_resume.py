@@ -61,11 +61,22 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curves(write_scenario, tmp
     pd.testing.assert_frame_equal(metrics(run_dir), whole, check_exact=True)
 
 
-def test_checkpoints_load_without_executing_code(write_scenario, tmp_path):
-    path = write_scenario(SMALL.replace("rounds = 4", "rounds = 2\ncheckpoint_every = 1"))
-    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+def test_checkpoints_load_without_executing_code_and_go_when_the_run_ends(write_scenario, tmp_path, monkeypatch):
+    path = write_scenario(SMALL.replace("rounds = 4", "rounds = 3\ncheckpoint_every = 1"))
+    append = History.append
+
+    def stop_after_round_2(self, row):
+        append(self, row)
+        if row["round"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(History, "append", stop_after_round_2)
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 130
     data = torch.load(tmp_path / "small" / "checkpoint.pt", weights_only=True)
-    assert data["round"] == 2 and "params" in data["flow"]
+    assert data["round"] == 1 and "params" in data["flow"]  # round 2 stopped before its checkpoint
+    monkeypatch.setattr(History, "append", append)
+    assert main(["run", "--resume", str(tmp_path / "small"), "--no-progress"]) == 0
+    assert not (tmp_path / "small" / "checkpoint.pt").exists()  # a finished run needs none
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -145,6 +156,7 @@ def test_a_trainer_exception_names_the_plugin_and_client_and_keeps_rows(write_sc
         return original(self, model, params, x, y, job, rng)
 
     monkeypatch.setattr(SGDTrainer, "train", broken)
+    monkeypatch.setattr("fedsim.vectorized.supports", lambda model, trainer: False)  # the patched method runs
     path = write_scenario(SMALL)
     assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -168,6 +180,7 @@ def test_divergence_stops_with_exit_3_or_drops_bad_updates(write_scenario, tmp_p
         return new, metrics
 
     monkeypatch.setattr(SGDTrainer, "train", poisoned)
+    monkeypatch.setattr("fedsim.vectorized.supports", lambda model, trainer: False)
     text = SMALL.replace("clients_per_round = 4", "clients_per_round = 12")
     path = write_scenario(text)
     assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 3

@@ -75,3 +75,18 @@ def test_whole_runs_agree_with_and_without_vectorisation(write_scenario, tmp_pat
         assert main(["run", str(path), "--out", str(tmp_path / flag), "--no-progress", "--set", f"system.vectorize={flag}"]) == 0
         frames.append(pd.read_csv(tmp_path / flag / "small" / "metrics.csv"))
     pd.testing.assert_series_equal(frames[0]["test_loss"], frames[1]["test_loss"], rtol=1e-4)
+
+
+def test_a_failing_vectorised_chunk_is_retried_client_by_client(monkeypatch):
+    from fedsim import vectorized
+
+    data = build_federated_data(DATA, seed=0)
+    spec = WorkerSpec("mlp", {"hidden": [8]}, data.feature_shape, 10, 0, TRAINERS["sgd"], vectorize=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap failed")
+
+    monkeypatch.setattr(vectorized, "train_chunk", broken)
+    shared = to_numpy(get_params(build_model("mlp", {"hidden": [8]}, data.feature_shape, 10, 0)))
+    results = Worker(data, spec).run(shared, [TrainJob(c, 1) for c in range(3)])
+    assert [r.client_id for r in results] == [0, 1, 2] and all("nonfinite" not in r.metrics for r in results)
