@@ -133,11 +133,15 @@ def truncnorm_second_moment(a: float) -> float:
     return 1.0 - 2.0 * a * math.exp(-a * a / 2.0) / (math.sqrt(2.0 * math.pi) * z)
 
 
+def uniform_to_truncnorm(u: Tensor, a: float) -> Tensor:
+    """Map U(0, 1) draws, in place, to N(0, 1) truncated to [-a, a] by the inverse CDF (exact,
+    like torch's trunc_normal_). Elementwise, so a row gives the same bits alone or in a batch."""
+    return torch.special.erfinv(u.mul_(2.0).sub_(1.0).mul_(math.erf(a / math.sqrt(2.0))), out=u).mul_(math.sqrt(2.0))
+
+
 def truncnorm(n: int, a: float, gen: torch.Generator) -> Tensor:
-    """n draws of N(0, 1) truncated to [-a, a], by the inverse CDF (exact, like torch's
-    trunc_normal_, but with the generator explicit)."""
-    u = torch.rand(n, generator=gen)
-    return torch.special.erfinv(u.mul_(2.0).sub_(1.0).mul_(math.erf(a / math.sqrt(2.0)))).mul_(math.sqrt(2.0))
+    """n draws of N(0, 1) truncated to [-a, a] from an explicit generator."""
+    return uniform_to_truncnorm(torch.rand(n, generator=gen), a)
 
 
 @dataclass(frozen=True)
@@ -166,22 +170,24 @@ class BlockDirections:
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(block_seed(seed, self.index))
 
-    def rows(self, seeds: Sequence[int]) -> Tensor:
-        """(len(seeds), size) dense directions (iid)."""
-        out = torch.empty(len(seeds), self.size)
+    def _uniforms(self, seeds: Sequence[int], n: int) -> Tensor:
+        """Row i: the first n uniforms of seed i's generator. Only this loop is per seed; the
+        transform to truncated normals then runs once over the whole matrix."""
+        out = torch.empty(len(seeds), n)
         for i, s in enumerate(seeds):
-            out[i] = truncnorm(self.size, self.bound, self._gen(s))
+            torch.rand(n, generator=self._gen(s), out=out[i])
         return out
 
+    def rows(self, seeds: Sequence[int]) -> Tensor:
+        """(len(seeds), size) dense directions (iid)."""
+        return uniform_to_truncnorm(self._uniforms(seeds, self.size), self.bound)
+
     def factors(self, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """(K, m) and (K, n): direction k is vec(p_k q_k^T)[:size] (kron)."""
+        """(K, m) and (K, n): direction k is vec(p_k q_k^T)[:size] (kron); p_k then q_k are the
+        first m + n draws of seed k's generator."""
         m, n = self.shape2d
-        p, q = torch.empty(len(seeds), m), torch.empty(len(seeds), n)
-        for i, s in enumerate(seeds):
-            g = self._gen(s)
-            p[i] = truncnorm(m, self.bound, g)
-            q[i] = truncnorm(n, self.bound, g)
-        return p, q
+        t = uniform_to_truncnorm(self._uniforms(seeds, m + n), self.bound)
+        return t[:, :m], t[:, m:]
 
     def _seed_chunks(self, seeds: Sequence[int]) -> list[tuple[int, int]]:
         step = max(1, _CHUNK // max(1, self.size))
@@ -461,6 +467,11 @@ def ferret(cfg: FerretConfig, ctx: RunContext) -> ReportingRounds:
         server_lr=cfg.server_lr, server_lr_min=cfg.server_lr_min, anneal=cfg.anneal, momentum=cfg.server_momentum,
         clip=cfg.clip, equal_weights=cfg.equal_weights, directions=cfg.directions,
     )
+    if not isinstance(rule, FerretRule):
+        raise ScenarioError(
+            "ferret's clients send coordinates, not models: its server rule must be 'ferret'",
+            key="aggregator.name",
+        )
     rule.bind(plan, trainer.seeds, ctx.spec.scenario.rounds)
     trainable = {n for b in plan for n in b.names}
     coordinates_down = 4 * len(plan) * cfg.K

@@ -97,38 +97,68 @@ def fair_residual(ideal: Tensor, b_avg: Tensor, a_avg: Tensor, lam: float, steps
     Proximal gradient descent: a gradient step on the cosine term, then the exact proximal step of
     the Frobenius penalty (shrink the whole matrix towards 0 by step * lam, to exactly 0 if it is
     shorter). Returns zeros when the average already points exactly along the ideal update.
+
+    Everything runs in B's (out x r) space: with X = b_avg + dB, <ideal, X A> = <ideal A^T, X> and
+    ||X A||^2 = <X (A A^T), X>, so a step costs O(out * r^2) instead of O(out * in * r).
     """
     d_b = torch.zeros_like(b_avg)
     n_ideal = float(ideal.norm())
     if n_ideal == 0.0 or steps == 0:
         return d_b
-    m0 = b_avg @ a_avg
-    if _cos(ideal, m0) >= 1.0 - 1e-12:
+    e = (ideal @ a_avg.T) / n_ideal  # <unit ideal, X A> = <e, X>
+    gram = a_avg @ a_avg.T
+
+    def cosine(x: Tensor) -> tuple[float, float, Tensor]:
+        xg = x @ gram
+        sq = float((xg * x).sum())
+        n_m = math.sqrt(sq) if sq > 0 else 0.0
+        return (float((e * x).sum()) / n_m if n_m > 0 else float("nan")), n_m, xg
+
+    c0, n_m0, _ = cosine(b_avg)
+    if not math.isfinite(c0) or c0 >= 1.0 - 1e-12:
         return d_b
-    a_norm = float(torch.linalg.matrix_norm(a_avg, ord=2))
-    if a_norm == 0.0:
+    a_sq = float(torch.linalg.eigvalsh(gram)[-1])  # ||A||_2^2
+    if a_sq <= 0.0:
         return d_b
-    scale = (float(m0.norm()) or n_ideal) / a_norm  # the magnitude B lives at
-    step = lr * scale * scale
-    unit_ideal = ideal / n_ideal
+    step = lr * n_m0 * n_m0 / a_sq  # lr * s^2, s = ||B A|| / ||A||_2: the magnitude B lives at
     # Keep the best iterate: the objective at dB = 0 bounds it, so the returned residual never
     # gives a lower cosine than the plain average, whatever the step size does.
-    best, best_obj = d_b, 1.0 - _cos(ideal, m0)
+    best, best_obj = d_b, 1.0 - c0
+    c, n_m, xg = c0, n_m0, b_avg @ gram
     for _ in range(steps):
-        m = (b_avg + d_b) @ a_avg
-        n_m = float(m.norm())
-        if n_m == 0.0:
-            break
-        c = float((unit_ideal * m).sum()) / n_m
-        grad_m = -(unit_ideal / n_m - (c / (n_m * n_m)) * m)  # d(1 - cos)/dM
-        x = d_b - step * (grad_m @ a_avg.T)
+        grad = -(e / n_m - (c / (n_m * n_m)) * xg)  # d(1 - cos)/dX
+        x = d_b - step * grad
         n_x = float(x.norm())
         shrink = max(0.0, 1.0 - step * lam / n_x) if n_x > 0 else 0.0
         d_b = x * shrink
-        obj = 1.0 - _cos(ideal, (b_avg + d_b) @ a_avg) + lam * float(d_b.norm())
+        c, n_m, xg = cosine(b_avg + d_b)
+        if not math.isfinite(c):
+            break
+        obj = 1.0 - c + lam * float(d_b.norm())
         if obj < best_obj:
             best, best_obj = d_b, obj
     return best
+
+
+def truncated_product_svd(a: Tensor, b: Tensor, w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The rank-r truncated SVD of sum_k w_k B_k A_k, split as (sqrt(S) V^T, U sqrt(S)).
+
+    The sum has rank at most K r, so it is factored through QR of the stacked factors and an SVD
+    of a (K r x K r) core, instead of an SVD of the full (out x in) matrix.
+    """
+    n, r, inp = a.shape
+    out = b.shape[1]
+    if n * r >= min(out, inp):
+        u, s, vh = torch.linalg.svd(torch.einsum("k,kor,kri->oi", w, b, a), full_matrices=False)
+    else:
+        stacked_b = (w[:, None, None] * b).permute(1, 0, 2).reshape(out, n * r)
+        stacked_a = a.reshape(n * r, inp)
+        q1, r1 = torch.linalg.qr(stacked_b)
+        q2, r2 = torch.linalg.qr(stacked_a.T)
+        uc, s, vch = torch.linalg.svd(r1 @ r2.T)
+        u, vh = q1 @ uc, vch @ q2.T
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
 
 
 class _LoRARule:
@@ -214,10 +244,7 @@ class FlexLoRA(_LoRARule):
     """The rank-r truncated SVD of sum_k p_k B_k A_k, split evenly between B and A."""
 
     def _combine(self, a, b, w, ideal, a_avg, b_avg):  # type: ignore[override]
-        r = a.shape[1]
-        u, s, vh = torch.linalg.svd(ideal, full_matrices=False)
-        root = s[:r].sqrt()
-        return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        return truncated_product_svd(a, b, w, a.shape[1])
 
 
 @register_aggregator("lora_fair")
