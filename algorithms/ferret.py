@@ -413,21 +413,6 @@ class FerretRule:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# flow
-
-
-class ReportingRounds(ServerRounds):
-    """Server rounds that add the rule's `stats_` (reconstruction error, server lr) to metrics.csv."""
-
-    def step(self, round: int) -> dict[str, float]:
-        if hasattr(self.aggregator, "stats_"):
-            self.aggregator.stats_ = {}
-        metrics = super().step(round)
-        metrics.update(getattr(self.aggregator, "stats_", None) or {})
-        return metrics
-
-
 class FerretConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
     K: int = Field(200, ge=1)  # seeds (coordinates) per block
@@ -450,7 +435,7 @@ class FerretConfig(LocalSGDConfig):
 
 
 @register_algorithm("ferret")
-def ferret(cfg: FerretConfig, ctx: RunContext) -> ReportingRounds:
+def ferret(cfg: FerretConfig, ctx: RunContext) -> ServerRounds:
     if cfg.server_momentum > 0 and cfg.resample_seeds:
         raise ScenarioError(
             "server momentum accumulates coordinates of a fixed seed pool; set resample_seeds = false",
@@ -481,7 +466,7 @@ def ferret(cfg: FerretConfig, ctx: RunContext) -> ReportingRounds:
             return sum(params[n].numel() * params[n].element_size() for n in trainable)
         return coordinates_down
 
-    return ReportingRounds(
+    return ServerRounds(
         ctx,
         trainer=trainer,
         aggregator=rule,

@@ -260,21 +260,6 @@ class LoRAFair(_LoRARule):
         return a_avg, b_avg + fair_residual(ideal, b_avg, a_avg, self.lam, self.steps, self.lr)
 
 
-# ---------------------------------------------------------------------------------------------
-# flows
-
-
-class LoRARounds(ServerRounds):
-    """Server rounds that also report the rule's per-round fidelity (`stats_`) in metrics.csv."""
-
-    def step(self, round: int) -> dict[str, float]:
-        if hasattr(self.aggregator, "stats_"):
-            self.aggregator.stats_ = {}
-        metrics = super().step(round)
-        metrics.update(getattr(self.aggregator, "stats_", None) or {})
-        return metrics
-
-
 class LoRAConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
 
@@ -299,9 +284,9 @@ def shared_names(model: nn.Module, *, freeze_A: bool = False) -> list[str]:
     return names
 
 
-def lora_rounds(cfg: LoRAConfig, ctx: RunContext, rule: Callable, *, freeze_A: bool = False) -> LoRARounds:
+def lora_rounds(cfg: LoRAConfig, ctx: RunContext, rule: Callable, *, freeze_A: bool = False) -> ServerRounds:
     names = shared_names(ctx.model, freeze_A=freeze_A)
-    return LoRARounds(
+    return ServerRounds(
         ctx,
         trainer=LoRATrainer(SGDTrainer.from_config(cfg), freeze_A=freeze_A),
         aggregator=ctx.aggregator or rule,
@@ -312,20 +297,20 @@ def lora_rounds(cfg: LoRAConfig, ctx: RunContext, rule: Callable, *, freeze_A: b
 
 
 @register_algorithm("fedit")
-def fedit(cfg: LoRAConfig, ctx: RunContext) -> LoRARounds:
+def fedit(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
     return lora_rounds(cfg, ctx, FedIT())
 
 
 @register_algorithm("ffa_lora")
-def ffa_lora(cfg: LoRAConfig, ctx: RunContext) -> LoRARounds:
+def ffa_lora(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
     return lora_rounds(cfg, ctx, FFALoRA(), freeze_A=True)
 
 
 @register_algorithm("flexlora")
-def flexlora(cfg: LoRAConfig, ctx: RunContext) -> LoRARounds:
+def flexlora(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
     return lora_rounds(cfg, ctx, FlexLoRA())
 
 
 @register_algorithm("lora_fair")
-def lora_fair(cfg: LoRAFairConfig, ctx: RunContext) -> LoRARounds:
+def lora_fair(cfg: LoRAFairConfig, ctx: RunContext) -> ServerRounds:
     return lora_rounds(cfg, ctx, LoRAFair(lam=cfg.lam, steps=cfg.server_steps, lr=cfg.server_lr))

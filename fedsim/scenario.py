@@ -199,11 +199,10 @@ def algorithm_spec(obj: Any) -> AlgorithmSpec:
         return obj
     if not callable(obj):
         raise ScenarioError(f"'{obj!r}' is not an algorithm (expected a build function)")
-    params = list(inspect.signature(obj).parameters)
-    try:
-        config = typing.get_type_hints(obj).get(params[0]) if params else None
-    except NameError:
-        config = None
+    params = list(inspect.signature(obj).parameters.values())
+    config = params[0].annotation if params else None
+    if isinstance(config, str):  # postponed annotations: resolve this one only
+        config = eval(config, getattr(obj, "__globals__", {}))  # noqa: S307  (the plugin's own module)
     if not (isinstance(config, type) and issubclass(config, AlgorithmConfig)):
         raise ScenarioError(f"algorithm {obj.__name__}: first parameter must be an AlgorithmConfig")
     return AlgorithmSpec(build=obj, config=config, needs_topology=config.needs_topology)

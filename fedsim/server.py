@@ -24,7 +24,8 @@ class ServerRounds:
     still busy at the deadline, down when the round starts (`[system.failures]`), or whose download
     or upload is lost do not count in the round and are recorded as failures; the round goes on
     with the rest. Bytes are counted per message; methods that send less than the whole model
-    (adapters, projections) say how much with `download_bytes` and `upload_bytes`. Clients are
+    (adapters, projections) say how much with `download_bytes` and `upload_bytes`. A rule that sets
+    a `stats_` dict while aggregating has it added to the round's metrics. Clients are
     sampled uniformly from a per-round generator, or with `sampler = "hash"` as the first nodes of
     the round's hash order (MoDeST's sample, for like-for-like comparisons).
     """
@@ -99,6 +100,8 @@ class ServerRounds:
         self.params = self.aggregator(self.params, batch, round=round)
         weights = batch.weights().numpy()
         metrics["train_loss"] = float(sum(w * m["train_loss"] for w, m in zip(weights, batch.metrics)))
+        # a rule may report per-round figures (LoRA-FAIR's cosines, Ferret's reconstruction error)
+        metrics.update(getattr(self.aggregator, "stats_", None) or {})
         return metrics
 
     def evaluate(self) -> dict[str, float]:
