@@ -22,18 +22,8 @@ class FedAsyncConfig(AsyncConfig):
 
 class FedAsync(AsyncServer):
     def __init__(self, cfg: FedAsyncConfig, ctx: RunContext):
-        trainer = SGDTrainer.from_config(cfg)
-        steps = np.array([trainer.num_steps(int(n)) for n in ctx.data.num_examples()])
-        super().__init__(ctx, cfg, trainer, default_round_seconds=float(np.median(steps * ctx.system.step_time)))
+        super().__init__(ctx, cfg, SGDTrainer.from_config(cfg))
         self.alpha = cfg.alpha
-        self.steps = steps
-
-    def start(self) -> None:
-        for client in range(self.ctx.data.num_clients):
-            self.dispatch(client, 0.0, int(self.steps[client]))
-
-    def on_rejoin(self, client: int, now: float) -> None:
-        self.dispatch(client, now, int(self.steps[client]))
 
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         tau = self.version - arrival.version

@@ -27,22 +27,12 @@ class FedBuff(AsyncServer):
     STATE = AsyncServer.STATE + ("buffer",)
 
     def __init__(self, cfg: FedBuffConfig, ctx: RunContext):
-        trainer = SGDTrainer.from_config(cfg)
-        steps = np.array([trainer.num_steps(int(n)) for n in ctx.data.num_examples()])
-        super().__init__(ctx, cfg, trainer, default_round_seconds=float(np.median(steps * ctx.system.step_time)))
+        super().__init__(ctx, cfg, SGDTrainer.from_config(cfg))
         if cfg.buffer_size > ctx.data.num_clients:
             from fedsim import ScenarioError
 
             raise ScenarioError(f"expected at most data.num_clients = {ctx.data.num_clients}", key="algorithm.buffer_size")
-        self.steps = steps
         self.buffer: list[Arrival] = []
-
-    def start(self) -> None:
-        for client in range(self.ctx.data.num_clients):
-            self.dispatch(client, 0.0, int(self.steps[client]))
-
-    def on_rejoin(self, client: int, now: float) -> None:
-        self.dispatch(client, now, int(self.steps[client]))
 
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         self.buffer.append(arrival)

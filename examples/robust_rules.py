@@ -12,7 +12,6 @@ the entry-point group `fedsim.aggregators` in that package's pyproject.toml.
 
 from __future__ import annotations
 
-import torch
 
 from fedsim import Params, UpdateBatch
 

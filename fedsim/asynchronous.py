@@ -22,7 +22,7 @@ from .clock import EventQueue
 from .jobs import JobPool
 from .ledger import SERVER
 from .params import Params, clone, num_bytes, stack, weighted_sum
-from .training import ClientResult, LocalSGDConfig, TrainJob, Trainer
+from .training import ClientResult, LocalSGDConfig, SGDTrainer, TrainJob
 
 if TYPE_CHECKING:
     from .coordinator import RunContext
@@ -75,7 +75,9 @@ class Arrival:
 class AsyncServer:
     STATE: tuple[str, ...] = ("params", "version", "jobs_started", "idle", "queue", "jobs", "_pending", "_round")
 
-    def __init__(self, ctx: "RunContext", cfg: AsyncConfig, trainer: Trainer, default_round_seconds: float):
+    def __init__(self, ctx: "RunContext", cfg: AsyncConfig, trainer: SGDTrainer, default_round_seconds: float | None = None):
+        """By default every client trains continuously for its trainer's step count, and a recorded
+        round lasts one median client's job (`round_seconds` overrides)."""
         self.ctx = ctx
         self.cfg = cfg
         self.trainer = trainer
@@ -90,7 +92,8 @@ class AsyncServer:
         self._round = 1
         sizes = ctx.data.num_examples().astype(np.float64)
         self.p = np.full(n, 1.0 / n) if cfg.weights == "equal" else sizes / sizes.sum()
-        self.round_seconds = cfg.round_seconds or default_round_seconds
+        self.steps = trainer.steps_for(ctx.data.num_examples())
+        self.round_seconds = cfg.round_seconds or default_round_seconds or float(np.median(self.steps * ctx.system.step_time))
         self._pending: dict[tuple[int, int], Arrival] = {}
         self.applied_staleness: list[int] = []
         self.losses: list[float] = []
@@ -128,7 +131,8 @@ class AsyncServer:
     # --- what subclasses define ----------------------------------------------------------
 
     def start(self) -> None:
-        raise NotImplementedError
+        for client in range(self.ctx.data.num_clients):
+            self.dispatch(client, 0.0, int(self.steps[client]))
 
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         raise NotImplementedError
@@ -138,7 +142,7 @@ class AsyncServer:
 
     def on_rejoin(self, client: int, now: float) -> None:
         """A client that was down (or whose update was lost) is up again at a round boundary."""
-        raise NotImplementedError
+        self.dispatch(client, now, int(self.steps[client]))
 
     def round_metrics(self) -> dict[str, float]:
         return {}

@@ -19,7 +19,7 @@ from .errors import TopologyError
 from .models import build_model
 from .params import Params, stack
 from .registry import topologies
-from .training import LocalSGDConfig, TrainJob, Trainer, evaluate, get_params
+from .training import LocalSGDConfig, TrainJob, Trainer, get_params
 
 if TYPE_CHECKING:
     from .coordinator import RunContext

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-import torch
 
 from . import vectorized
 from .data import FederatedData

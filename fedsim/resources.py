@@ -55,8 +55,11 @@ _WORKER_PROCESS = 200 * 2**20
 _MINILM_ENCODER = 22_565_376  # all-MiniLM-L6-v2 without the pooler: embeddings + 6 layers
 
 
-def estimate(spec: Any) -> dict[str, int]:
+def estimate(spec: Any, *, executor: str | None = None, workers: int | None = None) -> dict[str, int]:
     """Bytes a run needs, by component, and their `total`.
+
+    `executor` and `workers` override the scenario's [system] values, as `--executor` and
+    `--workers` do on the command line.
 
     Components: `data` (the federation's arrays, at their peak), `model` (one copy of the
     parameters), `clients` (per-client and per-node state: decentralized methods keep one model per
@@ -83,9 +86,9 @@ def estimate(spec: Any) -> dict[str, int]:
         clients = _SERVER_COPIES_PER_CLIENT * held * model_bytes
         shared = model_bytes
 
-    executor = s.system.executor
-    workers = 1 if executor == "inline" else _ray_workers(s.system, n)
-    worker_bytes = workers * (_WORKER_COPIES * model_bytes + _WORKER_PROCESS)
+    executor = executor or s.system.executor
+    n_workers = 1 if executor == "inline" else _ray_workers(s.system, n, workers)
+    worker_bytes = n_workers * (_WORKER_COPIES * model_bytes + _WORKER_PROCESS)
     if executor == "inline":
         object_store = 0
     else:
@@ -104,13 +107,17 @@ def estimate(spec: Any) -> dict[str, int]:
     return parts
 
 
-def check(spec: Any, *, force: bool, available: int | None = None) -> dict[str, int]:
-    """Refuse a run whose estimate exceeds the memory available; returns the estimate.
+def check(
+    spec: Any, *, force: bool, available: int | None = None, executor: str | None = None, workers: int | None = None
+) -> dict[str, int]:
+    """Refuse a run whose estimate exceeds the memory available (ScenarioError: one line, exit 2);
+    returns the estimate.
 
     `available` defaults to MemAvailable from /proc/meminfo; where that cannot be read the check is
-    skipped. With `force`, the estimate is returned and nothing is refused.
+    skipped. With `force`, the estimate is returned and nothing is refused. `executor` and
+    `workers` are the command line's overrides, as for `estimate`.
     """
-    parts = estimate(spec)
+    parts = estimate(spec, executor=executor, workers=workers)
     if force:
         return parts
     if available is None:
@@ -120,8 +127,8 @@ def check(spec: Any, *, force: bool, available: int | None = None) -> dict[str, 
     need = parts["total"]
     if need > available:
         raise ScenarioError(
-            f"needs about {_gib(need)} GiB ({_breakdown(parts)}) but the machine has "
-            f"{_gib(available)} GiB available; use --force to run anyway",
+            f"needs about {_gib(need)} GiB but the machine has {_gib(available)} GiB available; "
+            f"use --force to run anyway (largest parts: {_breakdown(parts)})",
             file=getattr(spec, "source", None),
             key=_culprit(spec, parts, available),
         )
@@ -255,10 +262,10 @@ def _cohort(cfg: Any, n: int) -> int:
     return n
 
 
-def _ray_workers(system: Any, n: int) -> int:
+def _ray_workers(system: Any, n: int, workers: int | None = None) -> int:
     if system.clients_per_actor is not None:
         return math.ceil(n / system.clients_per_actor)
-    return int(system.workers or os.cpu_count() or 1)
+    return int(workers or system.workers or os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def _gib(value: int) -> str:
 
 def _breakdown(parts: dict[str, int]) -> str:
     biggest = sorted((k for k in parts if k != "total" and parts[k] > 0), key=lambda k: -parts[k])[:2]
-    return ", ".join(f"{k} {_gib(parts[k])}" for k in biggest) or "nothing"
+    return ", ".join(f"{k} {_gib(parts[k])} GiB" for k in biggest) or "nothing"
 
 
 def _culprit(spec: Any, parts: dict[str, int], available: int) -> str:

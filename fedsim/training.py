@@ -97,6 +97,13 @@ class SGDTrainer:
             return self.local_steps
         return max(1, math.ceil(self.local_epochs * math.ceil(num_examples / self.batch_size)))
 
+    def steps_for(self, sizes: np.ndarray) -> np.ndarray:
+        """`num_steps` for many clients at once (a million clients in one numpy expression)."""
+        if self.local_steps is not None:
+            return np.full(len(sizes), self.local_steps, dtype=np.int64)
+        batches = np.ceil(np.asarray(sizes) / self.batch_size)
+        return np.maximum(1, np.ceil(self.local_epochs * batches)).astype(np.int64)
+
     def train(
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
     ) -> tuple[Params, dict[str, float]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
 from fedsim.cli import main
 from tests.conftest import SMALL
