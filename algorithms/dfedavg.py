@@ -11,7 +11,7 @@ from fedsim.decentralized import DecentralizedConfig, GraphRounds
 
 
 class DFedAvgConfig(DecentralizedConfig):
-    local_steps: int | None = 5
+    local_steps: int | None = Field(5, ge=1)
 
 
 class DFedAvgMConfig(DFedAvgConfig):

@@ -22,7 +22,7 @@ from fedsim.decentralized import DecentralizedConfig, GraphRounds
 
 class DFedSAMConfig(DecentralizedConfig):
     rho: float = Field(0.01, gt=0)
-    local_steps: int | None = 5
+    local_steps: int | None = Field(5, ge=1)
     lr_decay: float = Field(0.998, gt=0, le=1)
 
 

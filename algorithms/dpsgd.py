@@ -6,12 +6,14 @@ with its neighbours after every step.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from fedsim import RunContext, SGDTrainer, register_algorithm
 from fedsim.decentralized import DecentralizedConfig, GraphRounds
 
 
 class DPSGDConfig(DecentralizedConfig):
-    local_steps: int | None = 1
+    local_steps: int | None = Field(1, ge=1)
 
 
 @register_algorithm("dpsgd")

@@ -17,7 +17,7 @@ from fedsim.asynchronous import Arrival, AsyncConfig, AsyncServer
 
 class FedAsyncConfig(AsyncConfig):
     alpha: float = Field(0.9, gt=0, le=1)
-    local_steps: int | None = 20
+    local_steps: int | None = Field(20, ge=1)
 
 
 class FedAsync(AsyncServer):

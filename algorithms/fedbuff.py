@@ -20,7 +20,7 @@ from fedsim.asynchronous import Arrival, AsyncConfig, AsyncServer
 class FedBuffConfig(AsyncConfig):
     buffer_size: int = Field(3, ge=1)
     server_lr: float = Field(1.0, gt=0)
-    local_steps: int | None = 20
+    local_steps: int | None = Field(20, ge=1)
 
 
 class FedBuff(AsyncServer):

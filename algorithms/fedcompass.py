@@ -78,7 +78,7 @@ class FedCompassConfig(AsyncConfig):
 
 
 class FedCompass(AsyncServer):
-    STATE = AsyncServer.STATE + ("speed", "q", "began", "stamp", "group_of", "groups", "general", "_next_group")
+    STATE = AsyncServer.STATE + ("speed", "q", "began", "group_of", "groups", "general", "_next_group")
 
     def __init__(self, cfg: FedCompassConfig, ctx: RunContext):
         trainer = SGDTrainer.from_config(cfg)
@@ -87,7 +87,6 @@ class FedCompass(AsyncServer):
         self.speed = np.full(n, np.nan)  # v_i, seconds per step as observed by the server
         self.q = np.full(n, cfg.q_max)
         self.began = np.zeros(n)  # b_i
-        self.stamp = np.zeros(n, dtype=np.int64)  # ts_i
         self.group_of = np.full(n, -1)  # g(i), -1 before a client's first arrival
         self.groups: dict[int, Group] = {}
         self.general: list[Arrival] = []
@@ -121,10 +120,9 @@ class FedCompass(AsyncServer):
         self.speed[i] = observed if np.isnan(self.speed[i]) else (1 - beta) * self.speed[i] + beta * observed
         g = int(self.group_of[i])
         if g < 0:  # first arrival: apply at once, then join a group
-            tau = self.version - self.stamp[i]
+            tau = self.version - arrival.version  # ts_i: the version the client trained from
             self.apply([arrival.delta], np.array([self.cfg.alpha * self.weight(tau) * self.p[i]]), subtract=True)
             self.applied_staleness.append(int(tau))
-            self.stamp[i] = self.version
             self._schedule(i, now)
             return
         group = self.groups[g]
@@ -136,7 +134,6 @@ class FedCompass(AsyncServer):
         else:  # late: buffered for the next group aggregation, the client goes on at once
             self.general.append(arrival)
             self._drop_if_empty(g)
-            self.stamp[i] = self.version
             self._schedule(i, now)
 
     def on_timer(self, g: int, now: float) -> None:
@@ -147,15 +144,15 @@ class FedCompass(AsyncServer):
         group = self.groups[g]
         group.closed = True
         updates = group.arrived + self.general
-        taus = np.array([self.version - self.stamp[a.client] for a in updates])
-        coefficients = self.cfg.alpha * self.weight(taus) * self.p[[a.client for a in updates]]
-        self.apply([a.delta for a in updates], coefficients, subtract=True)
-        self.applied_staleness += [int(t) for t in taus]
-        self.group_sizes.append(len(group.arrived))
+        if updates:  # a deadline that finds nobody arrived and nothing buffered changes nothing
+            # staleness counts from the version each update was trained from, late ones included
+            taus = np.array([self.version - a.version for a in updates])
+            coefficients = self.cfg.alpha * self.weight(taus) * self.p[[a.client for a in updates]]
+            self.apply([a.delta for a in updates], coefficients, subtract=True)
+            self.applied_staleness += [int(t) for t in taus]
+            self.group_sizes.append(len(group.arrived))
         self.general = []
         members = sorted((a.client for a in group.arrived), key=lambda c: (self.speed[c], c))
-        for c in members:
-            self.stamp[c] = self.version
         self._drop_if_empty(g)
         for c in members:  # fastest first, as the scheduler re-assigns them
             self._schedule(c, now)

@@ -63,7 +63,7 @@ def variance_corrected_average(own: Params, received: Params, c: float, eps: flo
 
 class GossipConfig(LocalSGDConfig):
     needs_topology = True
-    local_steps: int | None = 1
+    local_steps: int | None = Field(1, ge=1)
     lr: float = Field(0.01, gt=0)
     merge: Literal["average", "variance_corrected"] = "average"
     conservative: float = Field(0.5, ge=0, lt=1)

@@ -80,7 +80,7 @@ class MoDeSTConfig(LocalSGDConfig):
     ack_timeout: float = Field(600.0, gt=0)
     inactivity_threshold: int = Field(1000, ge=1)
     batch_size: int = Field(20, ge=1)
-    local_steps: int | None = 5
+    local_steps: int | None = Field(5, ge=1)
     max_round_seconds: float = Field(3600.0, gt=0)  # a recorded round gives up waiting after this
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -312,11 +313,10 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
 
 def write_resolved_scenario(spec: RunSpec, path: Path) -> None:
     """The scenario as run, every default filled in, with the versions that ran it as comments."""
-    import ray
     import torch
 
     header = (
-        f"# resolved by fedsim {__version__} (torch {torch.__version__}, ray {ray.__version__})\n"
+        f"# resolved by fedsim {__version__} (torch {torch.__version__}, ray {metadata.version('ray')})\n"
         f"# from {spec.source}" + (f" with {spec.swept}" if spec.swept else "") + f"; seed {spec.scenario.seed}\n"
     )
     path.write_text(header + tomli_w.dumps(spec.as_dict()))

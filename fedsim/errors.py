@@ -25,8 +25,9 @@ class FedsimError(Exception):
         return self
 
     def __str__(self) -> str:
+        """One line, always: newlines that came in with user input are shown escaped."""
         where = [part for part in (self.file, self.key) if part]
-        return ": ".join([*where, self.message])
+        return ": ".join([*where, self.message]).replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ScenarioError(FedsimError):

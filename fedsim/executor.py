@@ -139,8 +139,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     would silently join any cluster started on this machine (another user's `ray start`, another
     fedsim run's), and two runs would then share, and fight over, one set of CPUs.
     """
+    local = not address or address.split(":")[0] in ("127.0.0.1", "localhost", "::1")
+    # Ray rewrites a loopback address to the machine's routable IP and then listens on every
+    # interface. A local run (or one joining a cluster on loopback) keeps to 127.0.0.1: Ray's own
+    # switch for that is this variable (read by the processes it starts) and the constant it sets.
     import ray
 
+    if local:
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)

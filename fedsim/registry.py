@@ -79,16 +79,20 @@ def _import_object(spec: str, kind: str) -> Any:
     """Import `package.module:Name`, looking in the working directory too (as `python -m` would),
     so a plugin file beside the scenario works without installing anything."""
     module_name, _, attr = spec.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise UnknownNameError(f"'{spec}' is not 'package.module:Name' (an absolute module and a name)")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UnknownNameError(f"cannot import {kind} module '{module_name}': {exc}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise UnknownNameError(f"module '{module_name}' has no {kind} '{attr}'") from None
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise UnknownNameError(f"cannot import {kind} module '{module_name}': {exc!r}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise UnknownNameError(f"module '{module_name}' has no {kind} '{attr}'")
+    if not callable(obj):
+        raise UnknownNameError(f"'{spec}' is a {type(obj).__name__}, not a {kind} (a class or function)")
+    return obj
 
 
 aggregators: Registry[Any] = Registry("aggregator", "aggregators")

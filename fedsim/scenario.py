@@ -26,7 +26,7 @@ from .errors import FedsimError, ScenarioError
 class Section(BaseModel):
     """Base of every scenario table: strict types, unknown keys rejected."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -130,7 +130,7 @@ class TopologyConfig(NamedSection):
 
 class Scenario(Section):
     name: str = "run"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
     rounds: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=1)
     sim_time_budget: float | None = Field(None, gt=0)  # stop once simulated time reaches this
@@ -234,6 +234,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
+    except RecursionError:
+        raise ScenarioError("not a scenario: values nested too deeply to read", file=source) from None
 
 
 def parse_override(item: str, source: str) -> tuple[list[str], Any]:
@@ -243,12 +245,14 @@ def parse_override(item: str, source: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     try:
         node: Any = tomllib.loads(f"{key} = 0")
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         raise ScenarioError(f"--set expects key=value with a TOML key, got '{item}'", file=source) from None
     if not sep:
         raise ScenarioError(f"--set expects key=value, got '{item}'", file=source)
     path: list[str] = []
     while isinstance(node, dict):
+        if len(node) != 1:  # '[t]' headers or comments: not one dotted key
+            raise ScenarioError(f"--set expects key=value with one dotted key, got '{item}'", file=source)
         ((part, node),) = node.items()
         path.append(part)
     try:
@@ -380,13 +384,19 @@ def _known(reg: registry.Registry[Any], name: str, key: str) -> Any:
 
 def check_kwargs(factory: Callable[..., Any], options: Mapping[str, Any], section: str, skip: int = 0) -> None:
     """Validate a plugin's scenario keys against the keyword parameters and hints of its factory."""
-    target = factory.__init__ if isinstance(factory, type) else factory
-    sig = inspect.signature(target)
-    params = [p for p in sig.parameters.values() if p.name != "self"][skip:]
+    if isinstance(factory, type) and factory.__init__ is object.__init__:
+        params: list[inspect.Parameter] = []  # a class without a constructor takes no settings
+        target: Any = factory
+    else:
+        target = factory.__init__ if isinstance(factory, type) else factory
+        params = [p for p in inspect.signature(target).parameters.values() if p.name != "self"][skip:]
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
     accepted = {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    hints = typing.get_type_hints(target, include_extras=True)
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolvable annotations: check the names only
+        hints = {}
     for key, value in options.items():
         if key not in accepted:
             known = ", ".join(sorted(accepted)) or "none"
@@ -411,10 +421,12 @@ def _check_type(value: Any, hint: Any, key: str) -> None:
 def _model(cls: type[BaseModel], raw: Any, source: str, prefix: str) -> Any:
     try:
         return cls.model_validate(raw)
+    except RecursionError:
+        raise ScenarioError("not a scenario: tables nested too deeply", file=source) from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = prefix + ".".join(str(part) for part in err["loc"])
-        got = _clip(repr(err.get("input")))
+        key = _clip(prefix + ".".join(str(part) for part in err["loc"] if not _is_tag(part)), 80)
+        got = _clip(_safe_repr(err.get("input")))
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_field_names(cls, err["loc"][:-1]))
             raise ScenarioError(f"unknown key (accepted: {allowed})", file=source, key=key) from None
@@ -472,6 +484,19 @@ def _label(key: str) -> str:
         return "case"
     parts = key.split(".")
     return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def _is_tag(part: Any) -> bool:
+    """pydantic names the branch of a union in error locations ('constrained-float', 'Distribution'):
+    not a key the user wrote."""
+    return isinstance(part, str) and (part[:1].isupper() or "-" in part or "[" in part)
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except RecursionError:
+        return "a deeply nested value"
 
 
 def _clip(text: str, limit: int = 60) -> str:

@@ -195,3 +195,12 @@ def test_async_methods_identical_across_executors(ray_session, write_scenario, t
     pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
     pd.testing.assert_frame_equal(frames[0], frames[2], check_exact=True)
     assert frames[0]["test_accuracy"].iloc[-1] > frames[0]["test_accuracy"].iloc[0]
+
+
+def test_fedcompass_survives_deadlines_that_find_nobody(write_scenario, tmp_path):
+    """Heavy jitter makes whole groups miss their deadline; aggregating nothing must be a no-op."""
+    text = ASYNC.replace("num_clients = 6", "num_clients = 4").replace("[system]", "[system]\ncompute_jitter = 1.5")
+    for seed in (0, 1):
+        path = write_scenario(text.replace("seed = 2", f"seed = {seed}"))
+        assert main(["run", str(path), "--out", str(tmp_path / str(seed)), "--no-progress"]) == 0
+

@@ -38,7 +38,8 @@ def test_huge_decentralized_scenario_is_refused_unless_forced(write_scenario):
         resources.check(spec, force=False, available=64 * GiB)
     assert time.perf_counter() - start < 5, "the estimate must not build the data or the models"
     message = str(info.value)
-    assert "GiB" in message and "--force" in message and "64.0 GiB available" in message
+    assert "GiB" in message and "--force" in message
+    assert "needs about " in message and " GiB but the machine has 64.0 GiB available; use --force to run anyway" in message
     assert info.value.file == spec.source
     assert info.value.key == "data.num_clients"
     assert "\n" not in message
@@ -118,3 +119,7 @@ def test_ray_executor_counts_the_object_store(write_scenario):
     ray = resources.estimate(spec_of(write_scenario, ray_text, "r.toml"))
     assert inline["object_store"] == 0 and ray["object_store"] > 0
     assert ray["workers"] == 3 * inline["workers"]
+    # the command line's --executor / --workers win over [system]
+    spec = spec_of(write_scenario, ray_text, "o.toml")
+    assert resources.estimate(spec, executor="inline") == inline
+    assert resources.estimate(spec, workers=6)["workers"] == 6 * inline["workers"]
