@@ -114,7 +114,8 @@ def test_a_killed_ray_actor_is_replaced_and_the_round_rerun(ray_session, write_s
     from fedsim.training import TrainJob
 
     text = SMALL.replace("num_clients = 12", "num_clients = 8").replace("samples_per_client = 60", "samples_per_client = 400")
-    path = write_scenario(text.replace('executor = "inline"', 'executor = "ray"'))
+    # two chunks of four, one per actor, so that the killed actor has work in the round
+    path = write_scenario(text.replace('executor = "inline"', 'executor = "ray"\nchunk_size = 4'))
     spec = load(path)[0]
     ctx = RunContext(spec, RunOptions(workers=2))
     flow = spec.algorithm.build(spec.algorithm_config, ctx)
