@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import metadata
 import time
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +26,8 @@ from .aggregation import Aggregator, build_aggregator
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .errors import FedsimError
-from .failures import FailureModel
 from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec
+from .failures import FailureModel
 from .history import History
 from .ledger import Ledger
 from .models import build_model
