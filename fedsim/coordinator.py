@@ -335,7 +335,7 @@ def run_all(specs: list[RunSpec], out: str | Path = "runs", options: RunOptions 
         run_dir = run(spec, out, options)
         dirs.append(run_dir)
         rows.append({"run_dir": run_dir.name, **{k: label(v) for k, v in spec.swept.items()}})
-        if len(specs) > 1:
+        if any(s.swept for s in specs):
             import pandas as pd
 
             pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)

@@ -57,6 +57,14 @@ def find_runs(inputs: Iterable[str | Path]) -> list[Path]:
     return runs
 
 
+def _natural(text: str) -> tuple[int, float | str]:
+    """Numbers in numeric order (50 before 200), then text."""
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
+
 def lookup(scenario: dict[str, Any], key: str) -> Any:
     node: Any = scenario
     for part in key.split("."):
@@ -92,7 +100,7 @@ def plot_runs(
         if column not in df:
             raise FedsimError(f"no column '{column}' in the runs' metrics.csv (have: {', '.join(df.columns)})")
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
-    for group, runs in df.groupby("group", sort=True):
+    for group, runs in sorted(df.groupby("group"), key=lambda g: _natural(g[0])):
         curves = [r.set_index(x)[metric] for _, r in runs.groupby("run")]
         grid = np.unique(np.concatenate([c.index.to_numpy(float) for c in curves]))
         values = np.vstack([np.interp(grid, c.index.to_numpy(float), c.to_numpy(float), right=np.nan) for c in curves])

@@ -97,6 +97,8 @@ class ServerRounds:
         if not kept:
             return {"train_loss": float("nan"), **metrics}
         batch = make_batch(kept)
+        if hasattr(self.aggregator, "stats_"):
+            self.aggregator.stats_ = {}  # this round's figures only
         self.params = self.aggregator(self.params, batch, round=round)
         weights = batch.weights().numpy()
         metrics["train_loss"] = float(sum(w * m["train_loss"] for w, m in zip(weights, batch.metrics)))
