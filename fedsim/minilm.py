@@ -450,9 +450,10 @@ def _parse_ground_truth(name: str, raw: bytes) -> tuple[list[str], np.ndarray]:
 @functools.lru_cache(maxsize=2)
 def _vader_tokens(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids float32 (n, 64), binary label valence > 0, domain id); tokenising takes seconds."""
+    texts_by_domain = _vader_texts(Path(root))  # the data first: its absence is the likelier problem
     tok = tokenizer()
     ids, labels, domains = [], [], []
-    for d, (name, raw) in enumerate(sorted(_vader_texts(Path(root)).items(), key=lambda kv: VADER_DOMAINS.index(kv[0]))):
+    for d, (name, raw) in enumerate(sorted(texts_by_domain.items(), key=lambda kv: VADER_DOMAINS.index(kv[0]))):
         texts, valence = _parse_ground_truth(name, raw)
         ids.append(tok.batch(texts, VADER_MAX_LENGTH))
         labels.append((valence > 0).astype(np.int64))
