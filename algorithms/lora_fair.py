@@ -72,12 +72,20 @@ class LoRATrainer:
     def train(
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
     ) -> tuple[Params, dict[str, float]]:
+        self._freeze(model)
+        new, metrics = self.sgd.train(model, params, x, y, job, rng)
+        return {name: new[name] for name in trainable_names(model)}, metrics
+
+    def vectorized(self, model: nn.Module) -> tuple[SGDTrainer, list[str]]:
+        """fedsim's vectorised cohorts run the same SGD on the trainable tensors and return these."""
+        self._freeze(model)
+        return self.sgd, trainable_names(model)
+
+    def _freeze(self, model: nn.Module) -> None:
         if self.freeze_A:
             for name, p in model.named_parameters():
                 if name.endswith(LORA_A):
                     p.requires_grad_(False)
-        new, metrics = self.sgd.train(model, params, x, y, job, rng)
-        return {name: new[name] for name in trainable_names(model)}, metrics
 
 
 # ---------------------------------------------------------------------------------------------

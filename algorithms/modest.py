@@ -185,11 +185,12 @@ class MoDeST:
     def _send_model(self, sender: int, receivers: list[int], kind: str, round: int, payload: object, now: float) -> None:
         view = self.outgoing_view(sender)
         size = self.nbytes + view.nbytes()
-        arrival = now + self.ctx.system.transfer_time(sender, size)
-        for r in receivers:
+        system = self.ctx.system
+        per_copy = size / float(system.bandwidth[sender])
+        for n, r in enumerate(receivers, start=1):  # copies leave one after another over the uplink
             self.ctx.ledger.transfer(sender, r, size)
             if self.ctx.failures.delivered():
-                self.queue.push(arrival, kind, (r, round, payload, view, sender))
+                self.queue.push(now + float(system.latency[sender]) + n * per_copy, kind, (r, round, payload, view, sender))
 
     def _start_round(self, node: int, round: int, model: Params, now: float) -> None:
         trainers, delay = self.select(node, round, self.cfg.sample_size, now)

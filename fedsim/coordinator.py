@@ -25,7 +25,7 @@ from . import __version__, checkpoint
 from .aggregation import Aggregator, build_aggregator
 from .clock import Clock
 from .data import FederatedData, build_federated_data
-from .errors import FedsimError
+from .errors import FedsimError, ScenarioError
 from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec
 from .failures import FailureModel
 from .history import History
@@ -101,7 +101,14 @@ class RunContext:
         spec = WorkerSpec(
             s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
             trainer, s.system.threads_per_worker, s.system.on_client_error, s.system.vectorize, s.system.chunk_size,
+            s.system.device,
         )
+        if s.system.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ScenarioError("expected a machine with a CUDA GPU (or device = \"auto\")", key="system.device",
+                                    file=self.spec.source)
         kind = self.options.executor or s.system.executor
         executor: Executor
         if kind == "inline":

@@ -103,6 +103,7 @@ class SystemConfig(Section):
     threads_per_worker: int = Field(1, ge=1)
     vectorize: bool | None = None  # train cohorts as one batched computation; None = where supported
     chunk_size: int = Field(64, ge=1)  # clients per vectorised batch
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # vectorised training on a GPU when there is one
     compute: Annotated[float, Field(gt=0)] | Distribution = Distribution()
     compute_jitter: float = Field(0.0, ge=0)  # lognormal sigma of a per-job slow-down or speed-up
     trace: str | None = None  # CSV: client, step_time[, bandwidth_mbps, latency_ms]; overrides draws

@@ -23,10 +23,22 @@ from .params import Params
 from .training import SGDTrainer, TrainJob, minibatches
 
 
+def plan(model: nn.Module, trainer: object) -> tuple[SGDTrainer, list[str] | None] | None:
+    """How to train with `trainer` vectorised: the SGD settings and the names a client returns
+    (None: all), or None when it cannot be. Plain SGD (momentum, weight decay, SAM) qualifies; a
+    trainer that wraps SGD (LoRA's, which trains and returns the adapters only) says how through a
+    `vectorized(model)` method. Models with buffers do not: BatchNorm statistics would need
+    per-client buffer updates inside vmap."""
+    if list(model.buffers()):
+        return None
+    if type(trainer) is SGDTrainer:
+        return trainer, None
+    hook = getattr(trainer, "vectorized", None)
+    return hook(model) if hook is not None else None
+
+
 def supports(model: nn.Module, trainer: object) -> bool:
-    """Vectorisable: plain SGD (with momentum, weight decay, SAM) on a model without buffers
-    (BatchNorm statistics would need per-client buffer updates inside vmap)."""
-    return type(trainer) is SGDTrainer and not list(model.buffers())
+    return plan(model, trainer) is not None
 
 
 def train_chunk(
@@ -36,15 +48,21 @@ def train_chunk(
     data: Sequence[tuple[np.ndarray, np.ndarray]],
     jobs: Sequence[TrainJob],
     rngs: Sequence[np.random.Generator],
+    device: torch.device | str = "cpu",
 ) -> list[tuple[Params, dict[str, float]]]:
+    """Train a chunk of clients together; on `device` (a GPU when there is one), results on the CPU.
+
+    Minibatches are gathered on the host from each client's own index stream and moved once per
+    step; the stacked parameters, momentum and every step's arithmetic stay on the device.
+    """
     k = len(jobs)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    stacked = {n: torch.stack([p[n] for p in params]).detach().clone() for n in params[0]}
+    stacked = {n: torch.stack([p[n] for p in params]).detach().to(device, copy=True) for n in params[0]}
     frozen = {n: t for n, t in stacked.items() if n not in trainable}
     weights = {n: t for n, t in stacked.items() if n in trainable}
     steps = [trainer.num_steps(len(y), job) for (x, y), job in zip(data, jobs)]
     batches = [list(minibatches(len(y), trainer.batch_size, s, rng)) for (x, y), s, rng in zip(data, steps, rngs)]
-    lr = torch.tensor([trainer.lr * trainer.lr_decay ** (job.round - 1) for job in jobs])
+    lr = torch.tensor([trainer.lr * trainer.lr_decay ** (job.round - 1) for job in jobs], device=device)
     bs = trainer.batch_size
     feature_shape = data[0][0].shape[1:]
 
@@ -55,26 +73,31 @@ def train_chunk(
         return loss, loss
 
     grad_fn = vmap(grad(loss_fn, has_aux=True))
+    # every client's minibatch indices, laid out (client, step, slot) into one concatenation of the
+    # chunk's data, so that each step gathers all clients' batches with one indexing operation
+    x_all = np.concatenate([x for x, _ in data])
+    y_all = np.concatenate([y for _, y in data])
+    starts = np.cumsum([0] + [len(y) for _, y in data[:-1]])
+    index = np.zeros((k, max(steps), bs), dtype=np.int64)
+    valid = np.zeros((k, max(steps), bs), dtype=np.float32)
+    for c in range(k):
+        for s_, idx in enumerate(batches[c]):
+            index[c, s_, : len(idx)] = starts[c] + idx
+            valid[c, s_, : len(idx)] = 1.0
+    valid[:, :, 0] = np.maximum(valid[:, :, 0], 1.0)  # finished clients: a throwaway step, never applied
     momentum: Params = {}
     totals = torch.zeros(k, dtype=torch.float64)
     for s in range(max(steps)):
-        active = torch.tensor([s < n for n in steps])
-        xb = torch.zeros((k, bs, *feature_shape), dtype=torch.float32)
-        yb = torch.zeros((k, bs), dtype=torch.int64)
-        mask = torch.zeros((k, bs))
-        for c in range(k):
-            if s < steps[c]:
-                idx = batches[c][s]
-                x, y = data[c]
-                xb[c, : len(idx)] = torch.from_numpy(x[idx])
-                yb[c, : len(idx)] = torch.from_numpy(y[idx])
-                mask[c, : len(idx)] = 1.0
-            else:
-                mask[c, 0] = 1.0  # a finished client computes a throwaway step that is never applied
+        active = torch.tensor([s < n for n in steps], device=device)
+        rows = index[:, s]
+        xb = torch.from_numpy(x_all[rows])
+        yb = torch.from_numpy(y_all[rows])
+        mask = torch.from_numpy(valid[:, s])
+        xb, yb, mask = xb.to(device), yb.to(device), mask.to(device)
         grads, losses = grad_fn(weights, frozen, xb, yb, mask)
         if trainer.sam_rho > 0:
             grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho)
-        totals += torch.where(active, losses.double(), 0.0)
+        totals += torch.where(active, losses.double(), 0.0).cpu()
         keep = active.to(torch.float32)
         for n, w in weights.items():
             d = grads[n]
@@ -88,7 +111,7 @@ def train_chunk(
             weights[n] = w - _expand(lr * keep, w) * d
     out = []
     for c in range(k):
-        new = {n: (weights[n][c] if n in weights else frozen[n][c]).clone() for n in params[0]}
+        new = {n: (weights[n][c] if n in weights else frozen[n][c]).cpu().clone() for n in params[0]}
         out.append((new, {"train_loss": float(totals[c] / steps[c]), "steps": float(steps[c])}))
     return out
 

@@ -157,7 +157,7 @@ def test_a_trainer_exception_names_the_plugin_and_client_and_keeps_rows(write_sc
         return original(self, model, params, x, y, job, rng)
 
     monkeypatch.setattr(SGDTrainer, "train", broken)
-    monkeypatch.setattr("fedsim.vectorized.supports", lambda model, trainer: False)  # the patched method runs
+    monkeypatch.setattr("fedsim.vectorized.plan", lambda model, trainer: None)  # the patched method runs
     path = write_scenario(SMALL)
     assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -181,7 +181,7 @@ def test_divergence_stops_with_exit_3_or_drops_bad_updates(write_scenario, tmp_p
         return new, metrics
 
     monkeypatch.setattr(SGDTrainer, "train", poisoned)
-    monkeypatch.setattr("fedsim.vectorized.supports", lambda model, trainer: False)
+    monkeypatch.setattr("fedsim.vectorized.plan", lambda model, trainer: None)
     text = SMALL.replace("clients_per_round = 4", "clients_per_round = 12")
     path = write_scenario(text)
     assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -90,3 +91,46 @@ def test_a_failing_vectorised_chunk_is_retried_client_by_client(monkeypatch):
     shared = to_numpy(get_params(build_model("mlp", {"hidden": [8]}, data.feature_shape, 10, 0)))
     results = Worker(data, spec).run(shared, [TrainJob(c, 1) for c in range(3)])
     assert [r.client_id for r in results] == [0, 1, 2] and all("nonfinite" not in r.metrics for r in results)
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(write_scenario, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the setting is valid here")
+    path = write_scenario(SMALL.replace("[system]", '[system]\ndevice = "cuda"'))
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "system.device" in capsys.readouterr().err
+
+
+def test_vectorised_chunk_on_an_explicit_device_matches():
+    from fedsim import vectorized
+
+    data = build_federated_data(DATA, seed=0)
+    model = build_model("mlp", {"hidden": [8]}, data.feature_shape, 10, 0)
+    params = [get_params(model)] * 3
+    jobs = [TrainJob(c, 1) for c in range(3)]
+    rngs = lambda: [np.random.default_rng(c) for c in range(3)]  # noqa: E731
+    chunks = [[data.client(c) for c in range(3)], [data.client(c) for c in range(3)]]
+    a = vectorized.train_chunk(model, TRAINERS["sgd"], params, chunks[0], jobs, rngs())
+    b = vectorized.train_chunk(model, TRAINERS["sgd"], params, chunks[1], jobs, rngs(), device=torch.device("cpu"))
+    for (pa, _), (pb, _) in zip(a, b):
+        assert all(torch.equal(pa[k], pb[k]) and pb[k].device.type == "cpu" for k in pa)
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_lora_adapters_train_vectorised_like_one_after_another(freeze_a, tmp_path, monkeypatch):
+    from fedsim.algorithms.lora_fair import LoRATrainer
+
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))
+    data = build_federated_data(DATA, seed=0)
+    options = {"hidden": [16], "pretrain_examples": 300, "pretrain_epochs": 1, "rank": 2}
+    trainer = LoRATrainer(sgd=SGDTrainer(lr=0.1, batch_size=16, local_steps=4), freeze_A=freeze_a)
+    spec = WorkerSpec("pretrained_mlp", options, data.feature_shape, 10, 0, trainer)
+    seq, vec = Worker(data, replace(spec, vectorize=False)), Worker(data, replace(spec, vectorize=True))
+    assert vec.vectorize
+    shared = to_numpy(get_params(build_model("pretrained_mlp", options, data.feature_shape, 10, 0)))
+    jobs = [TrainJob(c, round=1) for c in range(5)]
+    for a, b in zip(seq.run(shared, jobs), vec.run(shared, jobs)):
+        assert set(a.params) == set(b.params) and all("lora" in k or "head" in k for k in b.params)
+        assert any(k.endswith("lora_A") for k in b.params) != freeze_a
+        for k in a.params:
+            assert (a.params[k] - b.params[k]).norm() <= 1e-5 * a.params[k].norm() + 1e-7
