@@ -109,10 +109,14 @@ def train_chunk(
                 momentum[n] = buf
                 d = buf
             weights[n] = w - _expand(lr * keep, w) * d
+    final = {n: (weights[n] if n in weights else frozen[n]).cpu() for n in params[0]}
+    finite = torch.stack([torch.isfinite(t.reshape(k, -1)).all(1) for t in final.values()]).all(0)
     out = []
     for c in range(k):
-        new = {n: (weights[n][c] if n in weights else frozen[n][c]).cpu().clone() for n in params[0]}
-        out.append((new, {"train_loss": float(totals[c] / steps[c]), "steps": float(steps[c])}))
+        metrics = {"train_loss": float(totals[c] / steps[c]), "steps": float(steps[c])}
+        if not finite[c]:
+            metrics["nonfinite"] = 1.0
+        out.append(({n: t[c] for n, t in final.items()}, metrics))  # views into one block per tensor
     return out
 
 
