@@ -16,8 +16,10 @@ Readings fedsim had to choose (the notes leave them open):
   model to the next available aggregators of the order; a dropped round acknowledges no one.
 - Liveness: when an aggregator drops a round below the liveness minimum, it restarts that round
   from the freshest global model it knows (every node keeps the last one it received), sending it
-  to the round's trainers. Without some such rule a round whose trainers mostly crashed would stall
-  the protocol forever; this one costs one aggregation timeout.
+  to the round's trainers. And the node that started a round pings its trainers two aggregation
+  timeouts later; if none answers (all crashed, so no aggregator will ever hear of the round), it
+  starts the round again. Without such rules a round whose trainers mostly or all crashed would
+  stall the protocol forever.
 - Pings cost one round trip; every unanswered ping in a wave costs the ping timeout. Views are
   counted on the wire at 6 bytes per known peer, pings and acks at 64 bytes.
 """
@@ -96,7 +98,7 @@ class Collection:
 class MoDeST:
     STATE = (
         "queue", "jobs", "views", "genesis", "pending", "r_hat", "known_model", "collections", "acked", "tried",
-        "initial", "models", "latest", "joined", "left", "dropped_rounds", "_round", "_started",
+        "initial", "models", "latest", "joined", "left", "dropped_rounds", "restarts", "_round", "_started",
     )
 
     def __init__(self, cfg: MoDeSTConfig, ctx: RunContext):
@@ -128,6 +130,7 @@ class MoDeST:
         self.left = np.zeros(n, dtype=bool)
         self.nbytes = num_bytes(ctx.init_params)
         self.dropped_rounds = 0
+        self.restarts = 0
         self.stall_seconds = 0.0
         self._round = 1
         self._started = False
@@ -195,6 +198,20 @@ class MoDeST:
     def _start_round(self, node: int, round: int, model: Params, now: float) -> None:
         trainers, delay = self.select(node, round, self.cfg.sample_size, now)
         self._send_model(node, trainers, "model", round, model, now + delay)
+        check = now + delay + 2 * self.cfg.aggregation_timeout
+        self.queue.push(check, "round_check", (node, round, model, tuple(trainers)))
+
+    def on_round_check(self, node: int, round: int, model: Params, trainers: tuple[int, ...], now: float) -> None:
+        """Liveness: the node that started a round pings its trainers later; if none answers,
+        every trainer crashed and no aggregator will ever hear of the round, so it starts the
+        round again with trainers that answer. Costs a few pings per round otherwise."""
+        if not self.ctx.failures.alive(node, now, self._round) or not trainers:
+            return
+        self.ctx.ledger.transfer(node, np.array(trainers), SMALL_MESSAGE)
+        if any(self.ctx.failures.alive(t, now, self._round) for t in trainers):
+            return
+        self.restarts += 1
+        self._start_round(node, round, model, now + self.cfg.ping_timeout)
 
     def on_model(self, trainer: int, round: int, model: Params, view: View, sender: int, now: float) -> None:
         if not self.ctx.failures.alive(trainer, now, self._round) or round <= self.r_hat[trainer]:
@@ -320,6 +337,7 @@ class MoDeST:
             "update": lambda p, t: self.on_update(p[0], p[1], p[2], p[3], p[4], t),
             "aggregation_timeout": lambda p, t: self.on_aggregation_timeout(p[0], p[1], t),
             "ack_timeout": lambda p, t: self.on_ack_timeout(p[0], p[1], p[2], t),
+            "round_check": lambda p, t: self.on_round_check(p[0], p[1], p[2], p[3], t),
         }
         before = self.ctx.clock.now
         self.losses = []
@@ -334,6 +352,7 @@ class MoDeST:
             "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
             "global_round": float(self.latest),
             "dropped_rounds": float(self.dropped_rounds),
+            "restarted_rounds": float(self.restarts),
             "round_seconds": self.ctx.clock.now - before,
         }
 

@@ -139,3 +139,22 @@ def test_communication_summary_counts_per_node_load(write_scenario, tmp_path):
 def test_gini():
     assert gini(np.ones(10)) == pytest.approx(0.0)
     assert gini(np.array([0, 0, 0, 10.0])) == pytest.approx(0.75)
+
+
+def test_a_round_whose_trainers_all_crashed_is_started_again(tmp_path, monkeypatch):
+    ctx, flow = _modest(tmp_path)
+    flow.step(1)
+    round = flow.latest + 5
+    first, _ = flow.select(0, round, 6, ctx.clock.now)
+    starter = next(n for n in range(40) if n not in first)  # a node that is not its own trainer
+    trainers, _ = flow.select(starter, round, 6, ctx.clock.now)
+    assert starter not in trainers
+    dead = set(trainers)
+    monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: node not in dead)
+    flow.on_round_check(starter, round, flow.initial, tuple(trainers), ctx.clock.now)
+    assert flow.restarts == 1
+    resent = [e.payload[0] for e in flow.queue._heap if e.kind == "model" and e.payload[1] == round]
+    assert resent and not dead & set(resent)  # the round goes to trainers that answer
+    monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: True)
+    flow.on_round_check(starter, round, flow.initial, tuple(trainers), ctx.clock.now)
+    assert flow.restarts == 1  # trainers alive: nothing to do
