@@ -64,7 +64,6 @@ def train_chunk(
     batches = [list(minibatches(len(y), trainer.batch_size, s, rng)) for (x, y), s, rng in zip(data, steps, rngs)]
     lr = torch.tensor([trainer.lr * trainer.lr_decay ** (job.round - 1) for job in jobs], device=device)
     bs = trainer.batch_size
-    feature_shape = data[0][0].shape[1:]
 
     def loss_fn(w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = functional_call(model, {**w, **fixed}, (xb,))
