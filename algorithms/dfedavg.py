@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedsim import RunContext, SGDTrainer, register_algorithm
+from fedsim import RunContext, register_algorithm
 from fedsim.decentralized import DecentralizedConfig, GraphRounds
 
 
@@ -18,18 +18,11 @@ class DFedAvgMConfig(DFedAvgConfig):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
-def _rounds(cfg: DFedAvgConfig, ctx: RunContext) -> GraphRounds:
-    return GraphRounds(
-        ctx, trainer=SGDTrainer.from_config(cfg), gossip_steps=cfg.gossip_steps, init=cfg.init,
-        eval_nodes=cfg.eval_nodes, purpose=f"{cfg.name} (gossip averaging)",
-    )
-
-
 @register_algorithm("dfedavg")
 def dfedavg(cfg: DFedAvgConfig, ctx: RunContext) -> GraphRounds:
-    return _rounds(cfg, ctx)
+    return GraphRounds.from_config(ctx, cfg)
 
 
 @register_algorithm("dfedavgm")
 def dfedavgm(cfg: DFedAvgMConfig, ctx: RunContext) -> GraphRounds:
-    return _rounds(cfg, ctx)
+    return GraphRounds.from_config(ctx, cfg)

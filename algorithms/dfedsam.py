@@ -31,11 +31,7 @@ class DFedSAMMGSConfig(DFedSAMConfig):
 
 
 def _rounds(cfg: DFedSAMConfig, ctx: RunContext) -> GraphRounds:
-    trainer = replace(SGDTrainer.from_config(cfg), sam_rho=cfg.rho)
-    return GraphRounds(
-        ctx, trainer=trainer, gossip_steps=cfg.gossip_steps, init=cfg.init, eval_nodes=cfg.eval_nodes,
-        purpose=f"{cfg.name} (gossip averaging)",
-    )
+    return GraphRounds.from_config(ctx, cfg, trainer=replace(SGDTrainer.from_config(cfg), sam_rho=cfg.rho))
 
 
 @register_algorithm("dfedsam")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedsim import RunContext, SGDTrainer, register_algorithm
+from fedsim import RunContext, register_algorithm
 from fedsim.decentralized import DecentralizedConfig, GraphRounds
 
 
@@ -18,7 +18,4 @@ class DPSGDConfig(DecentralizedConfig):
 
 @register_algorithm("dpsgd")
 def dpsgd(cfg: DPSGDConfig, ctx: RunContext) -> GraphRounds:
-    return GraphRounds(
-        ctx, trainer=SGDTrainer.from_config(cfg), gossip_steps=cfg.gossip_steps, init=cfg.init,
-        eval_nodes=cfg.eval_nodes, purpose="dpsgd (gossip averaging)",
-    )
+    return GraphRounds.from_config(ctx, cfg)

@@ -146,7 +146,7 @@ class RunContext:
         """The simulation state the context owns, for checkpoints."""
         return {
             "now": self.clock.now, "sent": self.ledger.sent, "received": self.ledger.received,
-            "busy": self.busy, "messages": self.failures._messages, "dropped_updates": self.dropped_updates,
+            "busy": self.busy, "messages": self.failures.state(), "dropped_updates": self.dropped_updates,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -154,7 +154,7 @@ class RunContext:
         self.ledger.sent[:] = state["sent"]
         self.ledger.received[:] = state["received"]
         self.busy[:] = state["busy"]
-        self.failures._messages = state["messages"]
+        self.failures.load_state(state["messages"])
         self.dropped_updates = state["dropped_updates"]
 
     def close(self) -> None:

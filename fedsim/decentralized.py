@@ -143,6 +143,16 @@ class GraphRounds:
             raise TopologyError(f"'{self.topology.name}' is not random, so it cannot vary over time", key="topology.time_varying")
         self._set_graph(ctx.graph)
 
+    @classmethod
+    def from_config(cls, ctx: "RunContext", cfg: DecentralizedConfig, trainer: Trainer | None = None) -> "GraphRounds":
+        """The rounds a graph method's shared settings describe; plain local SGD unless given a trainer."""
+        from .training import SGDTrainer
+
+        return cls(
+            ctx, trainer=trainer or SGDTrainer.from_config(cfg), gossip_steps=cfg.gossip_steps, init=cfg.init,
+            eval_nodes=cfg.eval_nodes, purpose=f"{cfg.name} (gossip averaging)",
+        )
+
     def _set_graph(self, G: nx.Graph) -> None:
         from .topologies import require_connected
 

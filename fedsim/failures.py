@@ -64,6 +64,13 @@ class FailureModel:
         """Left gracefully (and said so), as opposed to crashed."""
         return bool(self.leaves[node]) and self._reached(self.cfg.leave_at, self.cfg.leave_round, t, round)
 
+    def state(self) -> int:
+        """What a checkpoint needs: the message counter (all else derives from the seed)."""
+        return self._messages
+
+    def load_state(self, messages: int) -> None:
+        self._messages = messages
+
     def delivered(self) -> bool:
         """Whether the next message gets through; messages are numbered in simulated order."""
         if self.cfg.message_loss == 0:
