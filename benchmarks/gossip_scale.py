@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import actor_pids, peak_rss_gib  # noqa: E402
+from common import actor_pids, built, peak_rss_gib, time_rounds  # noqa: E402
 
-from fedsim.coordinator import RunContext, RunOptions  # noqa: E402
-from fedsim.scenario import validate  # noqa: E402
-from fedsim.training import torch_threads  # noqa: E402
 
 
 def scenario(nodes: int, topology: dict) -> dict:
@@ -40,22 +37,12 @@ def scenario(nodes: int, topology: dict) -> dict:
 
 
 def measure(nodes: int, topology: dict, rounds: int) -> dict:
-    spec = validate(scenario(nodes, topology), "<benchmark>", {})
-    ctx = RunContext(spec, RunOptions())
-    flow = spec.algorithm.build(spec.algorithm_config, ctx)
-    times = []
-    try:
-        with torch_threads(1):
-            for r in range(1, rounds + 1):
-                start = time.perf_counter()
-                flow.step(r)
-                times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            metrics = flow.evaluate()
-            eval_s = time.perf_counter() - start
+    with built(scenario(nodes, topology)) as (ctx, flow, _):
+        times = time_rounds(flow, rounds)
+        start = time.perf_counter()
+        metrics = flow.evaluate()
+        eval_s = time.perf_counter() - start
         actors = [peak_rss_gib(pid) for pid in actor_pids(flow.executor)]
-    finally:
-        ctx.close()
     return {
         "topology": topology["name"],
         "nodes": nodes,

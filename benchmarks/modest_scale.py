@@ -13,15 +13,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import peak_rss_gib  # noqa: E402
+from common import built, peak_rss_gib, time_rounds  # noqa: E402
 
-from fedsim.coordinator import RunContext, RunOptions  # noqa: E402
-from fedsim.scenario import validate  # noqa: E402
-from fedsim.training import torch_threads  # noqa: E402
 
 
 def main() -> None:
@@ -36,17 +32,8 @@ def main() -> None:
         "algorithm": {"name": "modest", "sample_size": 20, "aggregators": 2, "lr": 0.05},
         "system": {"executor": "inline"},
     }
-    spec = validate(raw, "<benchmark>", {})
-    start = time.perf_counter()
-    ctx = RunContext(spec, RunOptions())
-    flow = spec.algorithm.build(spec.algorithm_config, ctx)
-    setup = time.perf_counter() - start
-    times = []
-    with torch_threads(1):
-        for r in range(1, args.rounds + 1):
-            t = time.perf_counter()
-            flow.step(r)
-            times.append(time.perf_counter() - t)
+    with built(raw) as (ctx, flow, setup):
+        times = time_rounds(flow, args.rounds)
         acc, _ = ctx.evaluate(flow.models[flow.latest])
     print(json.dumps({
         "benchmark": "modest_scale",

@@ -21,25 +21,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import peak_rss_gib  # noqa: E402
+from common import built, peak_rss_gib, time_rounds  # noqa: E402
 
-from fedsim.coordinator import RunContext, RunOptions  # noqa: E402
-from fedsim.scenario import validate  # noqa: E402
-from fedsim.training import torch_threads  # noqa: E402
 
 
 def timed_rounds(raw: dict, rounds: int) -> dict:
-    spec = validate(raw, "<benchmark>", {})
-    start = time.perf_counter()
-    ctx = RunContext(spec, RunOptions())
-    flow = spec.algorithm.build(spec.algorithm_config, ctx)
-    setup = time.perf_counter() - start
-    times = []
-    with torch_threads(1):
-        for r in range(1, rounds + 1):
-            t = time.perf_counter()
-            flow.step(r)
-            times.append(time.perf_counter() - t)
+    with built(raw) as (ctx, flow, setup):
+        times = time_rounds(flow, rounds)
         t = time.perf_counter()
         metrics = flow.evaluate()
         evaluation = time.perf_counter() - t
