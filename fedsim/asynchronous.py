@@ -109,7 +109,7 @@ class AsyncServer:
             return None
         k = int(self.jobs_started[client])
         self.jobs_started[client] += 1
-        start = clone(self.params)
+        start = dict(self.params)  # `apply` replaces tensors, never writes into them: no copy needed
         self.jobs.start((client, k), TrainJob(client, k + 1, steps=steps), start)
         duration = self.ctx.system.job_time(client, steps, self.nbytes, self.nbytes, job=k)
         self.ctx.busy[client] += duration
