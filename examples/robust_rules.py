@@ -6,24 +6,25 @@ Use them from a scenario without installing anything, by module path:
     name = "examples.robust_rules:TrimmedMean"
     trim = 0.2
 
-or register them by name with `@register_aggregator` in a package you install, or list them under
+A class found this way must declare itself a rule: it subclasses `fedsim.Aggregator` (or is
+registered with `@register_aggregator`). Or register them by name with `@register_aggregator` in a package you install, or list them under
 the entry-point group `fedsim.aggregators` in that package's pyproject.toml.
 """
 
 from __future__ import annotations
 
 
-from fedsim import Params, UpdateBatch
+from fedsim import Aggregator, Params, UpdateBatch
 
 
-class CoordinateMedian:
+class CoordinateMedian(Aggregator):
     """Coordinate-wise median of the clients' parameters (Yin et al., 2018)."""
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
         return {name: t.median(dim=0).values for name, t in batch.params.items()}
 
 
-class TrimmedMean:
+class TrimmedMean(Aggregator):
     """Coordinate-wise mean after dropping the `trim` fraction of largest and smallest values."""
 
     def __init__(self, trim: float = 0.1):

@@ -52,7 +52,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if ":" in name:
-            return _import_object(name, self.kind)
+            return _import_object(name, self.kind, self)
         self._load()
         if name in self._items:
             return self._items[name]
@@ -75,12 +75,22 @@ class Registry(Generic[T]):
                 self._items[ep.name] = ep.load()
 
 
-def _import_object(spec: str, kind: str) -> Any:
+def _import_object(spec: str, kind: str, registry: "Registry[Any]") -> Any:
     """Import `package.module:Name`, looking in the working directory too (as `python -m` would),
-    so a plugin file beside the scenario works without installing anything."""
+    so a plugin file beside the scenario works without installing anything.
+
+    A scenario is data that people share, so this route must never reach an arbitrary callable
+    (`os:system` with the table's keys as arguments would run a shell command). The module may not
+    belong to the standard library, and the object must declare itself a fedsim plug-in of this
+    kind (see `_declares`) before anything is called with the scenario's keys.
+    """
     module_name, _, attr = spec.partition(":")
-    if not module_name or module_name.startswith(".") or not attr:
+    if not module_name or module_name.startswith(".") or not attr or not attr.isidentifier():
         raise UnknownNameError(f"'{spec}' is not 'package.module:Name' (an absolute module and a name)")
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise UnknownNameError(f"'{spec}' names the standard library module '{top}', which holds no fedsim "
+                               f"{kind}; a plug-in lives in your own module")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
@@ -90,9 +100,30 @@ def _import_object(spec: str, kind: str) -> Any:
     obj = getattr(module, attr, None)
     if obj is None:
         raise UnknownNameError(f"module '{module_name}' has no {kind} '{attr}'")
-    if not callable(obj):
-        raise UnknownNameError(f"'{spec}' is a {type(obj).__name__}, not a {kind} (a class or function)")
+    if not _declares(obj, kind, registry):
+        raise UnknownNameError(
+            f"'{spec}' is not a fedsim {kind}: register it (@register_{kind}(\"name\"))"
+            + (" or subclass fedsim.Aggregator" if kind == "aggregator" else "")
+            + (" or annotate its first parameter with an AlgorithmConfig subclass" if kind == "algorithm" else "")
+        )
     return obj
+
+
+def _declares(obj: Any, kind: str, registry: "Registry[Any]") -> bool:
+    """Whether `obj` says it is a fedsim plug-in of `kind`: registered (by decorator, under any
+    name), a subclass of fedsim's base for the kind, or an algorithm build function whose first
+    parameter is annotated with an `AlgorithmConfig` subclass. Decided without calling `obj`."""
+    if any(item is obj for item in registry._items.values()):
+        return True
+    if kind == "aggregator":
+        from .aggregation import Aggregator
+
+        return isinstance(obj, type) and Aggregator in obj.__mro__
+    if kind == "algorithm":
+        from .scenario import AlgorithmSpec, declared_config
+
+        return isinstance(obj, AlgorithmSpec) or declared_config(obj) is not None
+    return False
 
 
 aggregators: Registry[Any] = Registry("aggregator", "aggregators")

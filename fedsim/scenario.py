@@ -198,15 +198,28 @@ def algorithm_spec(obj: Any) -> AlgorithmSpec:
     """
     if isinstance(obj, AlgorithmSpec):
         return obj
-    if not callable(obj):
-        raise ScenarioError(f"'{obj!r}' is not an algorithm (expected a build function)")
+    config = declared_config(obj)
+    if config is None:
+        name = getattr(obj, "__name__", repr(obj))
+        raise ScenarioError(f"algorithm {name}: first parameter must be annotated with an AlgorithmConfig subclass")
+    return AlgorithmSpec(build=obj, config=config, needs_topology=config.needs_topology)
+
+
+def declared_config(obj: Any) -> type[AlgorithmConfig] | None:
+    """The `AlgorithmConfig` subclass a build function's first parameter is annotated with, if any.
+
+    Read from the signature alone, never by calling `obj`: the registry uses it to decide whether a
+    `module:Name` from a scenario is an algorithm at all.
+    """
+    if not inspect.isfunction(obj):
+        return None
     params = list(inspect.signature(obj).parameters.values())
     config = params[0].annotation if params else None
-    if isinstance(config, str):  # postponed annotations: resolve this one only
-        config = eval(config, getattr(obj, "__globals__", {}))  # noqa: S307  (the plugin's own module)
-    if not (isinstance(config, type) and issubclass(config, AlgorithmConfig)):
-        raise ScenarioError(f"algorithm {obj.__name__}: first parameter must be an AlgorithmConfig")
-    return AlgorithmSpec(build=obj, config=config, needs_topology=config.needs_topology)
+    if isinstance(config, str):  # postponed annotations: resolve this one name in the plugin's module
+        config = obj.__globals__.get(config) if config.isidentifier() else None
+    if isinstance(config, type) and issubclass(config, AlgorithmConfig):
+        return config
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from tests.conftest import SMALL
 
 PLUGIN = '''
 import torch
-from fedsim import register_aggregator
+from fedsim import Aggregator, register_aggregator
 
 
-class HalfStep:
+class HalfStep(Aggregator):
     """Moves the global model halfway to the clients' plain mean."""
 
     def __init__(self, step: float = 0.5):
