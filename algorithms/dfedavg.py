@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedsim import RunContext, register_algorithm
-from fedsim.decentralized import DecentralizedConfig, GraphRounds
+from fedsim import DecentralizedConfig, GraphRounds, RunContext, register_algorithm
 
 
 class DFedAvgConfig(DecentralizedConfig):

@@ -16,8 +16,7 @@ from dataclasses import replace
 
 from pydantic import Field
 
-from fedsim import RunContext, SGDTrainer, register_algorithm
-from fedsim.decentralized import DecentralizedConfig, GraphRounds
+from fedsim import DecentralizedConfig, GraphRounds, RunContext, SGDTrainer, register_algorithm
 
 
 class DFedSAMConfig(DecentralizedConfig):

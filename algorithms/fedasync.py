@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from fedsim import RunContext, SGDTrainer, register_algorithm
-from fedsim.asynchronous import Arrival, AsyncConfig, AsyncServer
+from fedsim import Arrival, AsyncConfig, AsyncServer, RunContext, SGDTrainer, register_algorithm
 
 
 class FedAsyncConfig(AsyncConfig):
@@ -30,7 +29,7 @@ class FedAsync(AsyncServer):
         mix = self.alpha * self.weight(tau)
         # (1 - m) w + m w_c  ==  w - m (w - w_c)
         diff = {k: self.params[k] - v for k, v in arrival.result.params.items()}
-        self.apply([diff], np.array([mix]), subtract=True)
+        self.merge([diff], np.array([mix]), [arrival.client], [tau])
         self.applied_staleness.append(tau)
         self.dispatch(arrival.client, now, int(self.steps[arrival.client]))
 

@@ -12,23 +12,19 @@ from pydantic import Field
 
 from fedsim import (
     LocalSGDConfig,
-    Params,
+    Mean,
     RunContext,
     ServerRounds,
     SGDTrainer,
-    UpdateBatch,
+    WeightedMean,
     register_aggregator,
     register_algorithm,
-    weighted_sum,
 )
 
 
-@register_aggregator("fedavg")
-class WeightedMean:
-    """sum_k (n_k / n) w_k: the average of the clients' models weighted by their example counts."""
-
-    def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        return weighted_sum(batch.params, batch.weights())
+# sum_k (n_k / n) w_k in server rounds: the engine's weighted mean, under the name scenarios use
+register_aggregator("fedavg")(WeightedMean)
+register_aggregator("mean")(Mean)
 
 
 class FedAvgConfig(LocalSGDConfig):
@@ -42,7 +38,7 @@ def fedavg(cfg: FedAvgConfig, ctx: RunContext) -> ServerRounds:
     return ServerRounds(
         ctx,
         trainer=SGDTrainer.from_config(cfg),
-        aggregator=ctx.aggregator or WeightedMean(),
+        aggregator=ctx.rule(WeightedMean()),
         clients_per_round=cfg.clients_per_round,
         deadline=cfg.deadline,
         sampler=cfg.sampler,

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from fedsim import RunContext, SGDTrainer, register_algorithm
-from fedsim.asynchronous import Arrival, AsyncConfig, AsyncServer
+from fedsim import Arrival, AsyncConfig, AsyncServer, RunContext, SGDTrainer, register_algorithm
 
 
 class FedBuffConfig(AsyncConfig):
@@ -40,7 +39,7 @@ class FedBuff(AsyncServer):
             taus = [self.version - a.version for a in self.buffer]
             p = self.p[[a.client for a in self.buffer]]
             coefficients = self.cfg.server_lr * (p / p.sum()) * self.weight(np.array(taus))
-            self.apply([a.delta for a in self.buffer], coefficients, subtract=True)
+            self.merge([a.delta for a in self.buffer], coefficients, [a.client for a in self.buffer], taus)
             self.applied_staleness += taus
             self.buffer = []
         self.dispatch(arrival.client, now, int(self.steps[arrival.client]))

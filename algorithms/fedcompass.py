@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import Field, model_validator
 
-from fedsim import RunContext, SGDTrainer, register_algorithm
-from fedsim.asynchronous import Arrival, AsyncConfig, AsyncServer
-from fedsim.checkpoint import checkpointable
+from fedsim import Arrival, AsyncConfig, AsyncServer, RunContext, SGDTrainer, checkpointable, register_algorithm
 
 
 @checkpointable
@@ -121,7 +119,7 @@ class FedCompass(AsyncServer):
         g = int(self.group_of[i])
         if g < 0:  # first arrival: apply at once, then join a group
             tau = self.version - arrival.version  # ts_i: the version the client trained from
-            self.apply([arrival.delta], np.array([self.cfg.alpha * self.weight(tau) * self.p[i]]), subtract=True)
+            self.merge([arrival.delta], np.array([self.cfg.alpha * self.weight(tau) * self.p[i]]), [i], [int(tau)])
             self.applied_staleness.append(int(tau))
             self._schedule(i, now)
             return
@@ -148,7 +146,7 @@ class FedCompass(AsyncServer):
             # staleness counts from the version each update was trained from, late ones included
             taus = np.array([self.version - a.version for a in updates])
             coefficients = self.cfg.alpha * self.weight(taus) * self.p[[a.client for a in updates]]
-            self.apply([a.delta for a in updates], coefficients, subtract=True)
+            self.merge([a.delta for a in updates], coefficients, [a.client for a in updates], [int(t) for t in taus])
             self.applied_staleness += [int(t) for t in taus]
             self.group_sizes.append(len(group.arrived))
         self.general = []
@@ -172,7 +170,7 @@ class FedCompass(AsyncServer):
             g = self._next_group
             self._next_group += 1
             self.groups[g] = Group(expected, latest)
-            self.queue.push(latest, "deadline", g)
+            self.loop.at(latest, "deadline", g)
         self.groups[g].members.add(client)
         self.group_of[client] = g
 

@@ -59,11 +59,12 @@ from fedsim import (
     ServerRounds,
     SGDTrainer,
     TrainJob,
+    TrainOutput,
     UpdateBatch,
+    generator,
     register_aggregator,
     register_algorithm,
 )
-from fedsim.seeding import generator
 
 GAMMA = "ferret.gamma"
 MASK = "ferret.mask"
@@ -269,19 +270,19 @@ class FerretTrainer:
 
     def train(
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
-    ) -> tuple[Params, dict[str, float]]:
+    ) -> TrainOutput:
         blocks = model_blocks(model, self.block_ratio)
-        new, metrics = self.sgd.train(model, params, x, y, job, rng)
-        deltas = [_flat(params, b) - _flat(new, b) for b in blocks]
+        trained = self.sgd.train(model, params, x, y, job, rng)
+        deltas = [_flat(params, b) - _flat(trained.params, b) for b in blocks]
         gamma, mask = encode(deltas, blocks, self.seeds(job.round), self.directions, self.budget, rng)
         out: Params = {GAMMA: gamma}
         if self.budget == "adaptive":
             out[MASK] = mask.to(torch.uint8)
-        metrics = dict(metrics)
-        metrics["coordinates"] = float(mask.sum())
+        trained.params = out
+        trained.metrics["coordinates"] = float(mask.sum())
         if self.track_error:
-            metrics["recon_error"] = reconstruction_error(deltas, gamma, blocks, self.seeds(job.round), self.directions)
-        return out, metrics
+            trained.metrics["recon_error"] = reconstruction_error(deltas, gamma, blocks, self.seeds(job.round), self.directions)
+        return trained
 
 
 def encode(

@@ -24,12 +24,26 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim import LocalSGDConfig, Params, RunContext, SGDTrainer, TrainJob, register_algorithm, stack
-from fedsim.clock import EventQueue
-from fedsim.decentralized import NodeEvaluator, initial_nodes, layer_variance
-from fedsim.errors import TopologyError
-from fedsim.jobs import JobPool
-from fedsim.params import num_bytes
+from fedsim import (
+    EventLoop,
+    JobPool,
+    LocalSGDConfig,
+    Mean,
+    NodeEvaluator,
+    Params,
+    RunContext,
+    SGDTrainer,
+    TopologyError,
+    TrainJob,
+    UpdateBatch,
+    combine,
+    initial_nodes,
+    layer_variance,
+    num_bytes,
+    register_algorithm,
+    require_connected,
+    stack,
+)
 
 NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -38,19 +52,20 @@ def _mergeable(name: str, t: torch.Tensor) -> bool:
     return t.is_floating_point() and not name.endswith(NORM_BUFFERS)
 
 
-def conservative_average(own: Params, received: Params, c: float) -> Params:
-    """c * own + (1 - c) * mean(received); normalisation buffers keep the node's own values."""
+def conservative_average(own: Params, combined: Params, c: float) -> Params:
+    """c * own + (1 - c) * combined, `combined` what the merge rule made of the received models
+    (their plain mean by default); normalisation buffers keep the node's own values."""
     return {
-        name: c * own[name] + (1 - c) * received[name].mean(0) if _mergeable(name, own[name]) else own[name]
+        name: c * own[name] + (1 - c) * combined[name] if _mergeable(name, own[name]) else own[name]
         for name in own
     }
 
 
-def variance_corrected_average(own: Params, received: Params, c: float, eps: float = 1e-4) -> Params:
+def variance_corrected_average(own: Params, combined: Params, received: Params, c: float, eps: float = 1e-4) -> Params:
     """The conservative average, each tensor rescaled around its mean to the received models'
     mean variance ("FollowOthers" in the authors' code). Scalars and normalisation buffers are left
     as averaged."""
-    out = conservative_average(own, received, c)
+    out = conservative_average(own, combined, c)
     for name, a in out.items():
         if not _mergeable(name, a) or a.numel() <= 1:
             continue
@@ -78,17 +93,16 @@ class GossipConfig(LocalSGDConfig):
 class GossipLearning:
     """Event-driven gossip: jobs finish, models travel and merges happen in simulated-time order."""
 
-    STATE = ("X", "buffers", "jobs_done", "idle", "uplink_free", "queue", "jobs", "merges")
+    STATE = ("X", "buffers", "jobs_done", "loop", "jobs", "merges")
 
     def __init__(self, cfg: GossipConfig, ctx: RunContext):
-        from fedsim.topologies import require_connected
-
         try:
             require_connected(ctx.graph, "gossip learning")
         except TopologyError as exc:
             raise exc.located(key="topology") from None
         self.cfg, self.ctx = cfg, ctx
         self.trainer = SGDTrainer.from_config(cfg)
+        self.rule = ctx.rule(Mean())
         self.jobs = JobPool(ctx.executor(self.trainer))
         self.X = initial_nodes(ctx, cfg.init)
         self.nbytes = num_bytes({k: v[0] for k, v in self.X.items()})
@@ -96,20 +110,20 @@ class GossipLearning:
         self.neighbours = [np.fromiter(ctx.graph.neighbors(i), dtype=np.int64) for i in range(n)]
         self.buffers: list[list[Params]] = [[] for _ in range(n)]
         self.jobs_done = np.zeros(n, dtype=np.int64)
-        self.idle = np.zeros(n, dtype=bool)  # down when its last job ended; restarted when back up
-        self.uplink_free = np.zeros(n)  # when each node's uplink has sent everything queued on it
-        self.queue = EventQueue()
+        self.loop = EventLoop(ctx, {"trained": self._trained, "received": self._received})
         self.evaluator = NodeEvaluator(ctx, cfg.eval_nodes)
         sizes = ctx.data.num_examples()
-        self.job_seconds = np.array([self.trainer.num_steps(int(s)) for s in sizes]) * ctx.system.step_time
-        self.round_seconds = cfg.round_seconds or float(np.median(self.job_seconds)) * cfg.push_every
+        self.job_steps = np.array([self.trainer.num_steps(int(s)) for s in sizes])
+        job_seconds = self.job_steps * ctx.system.step_time
+        self.round_seconds = cfg.round_seconds or float(np.median(job_seconds)) * cfg.push_every
         self.merges = 0
         self.losses: list[float] = []
+        self._round = 1
         for i in range(n):
-            if ctx.failures.alive(i, 0.0, 1):
+            if ctx.net.alive(i, 0.0, 1):
                 self._start(i, 0.0)
             else:
-                self.idle[i] = True
+                self.loop.idle[i] = True
 
     def _node(self, i: int) -> Params:
         return {k: v[i].clone() for k, v in self.X.items()}
@@ -117,57 +131,42 @@ class GossipLearning:
     def _start(self, i: int, now: float) -> None:
         k = int(self.jobs_done[i])
         self.jobs.start((i, k), TrainJob(i, k + 1), self._node(i))
-        self.ctx.busy[i] += float(self.job_seconds[i])
-        self.queue.push(now + float(self.job_seconds[i]), "trained", (i, k))
+        seconds = self.ctx.net.compute(i, int(self.job_steps[i]), job=k)
+        self.loop.at(now + seconds, "trained", (i, k))
 
     def step(self, round: int) -> dict[str, float]:
-        horizon = round * self.round_seconds
+        self._round = round
         self.losses = []
-        now = self.ctx.clock.now
-        for i in np.flatnonzero(self.idle):  # nodes that were down: back up now?
-            if self.ctx.failures.alive(int(i), now, round):
-                self.idle[i] = False
-                self._start(int(i), now)
-        while self.queue and self.queue.peek().time <= horizon:
-            event = self.queue.pop()
-            self.ctx.clock.advance_to(event.time)
-            if event.kind == "trained":
-                self._trained(*event.payload, now=event.time, round=round)
-            else:
-                receiver, params = event.payload
-                if self.ctx.failures.alive(receiver, event.time, round):
-                    self.buffers[receiver].append(params)
+        self.loop.rejoin(round, self._start)
+        horizon = round * self.round_seconds
+        self.loop.run(horizon)
         self.ctx.clock.advance_to(horizon)
         return {"train_loss": float(np.mean(self.losses)) if self.losses else float("nan"), "merges": float(self.merges)}
 
-    def _trained(self, i: int, k: int, now: float, round: int) -> None:
-        failures = self.ctx.failures
-        if not failures.alive(i, now, round):  # went down while training: the job is lost
-            self.jobs.cancel((i, k))
-            self.idle[i] = True
+    def _received(self, payload: tuple[int, Params], now: float) -> None:
+        receiver, params = payload
+        if self.ctx.net.alive(receiver, now, self._round):
+            self.buffers[receiver].append(params)
+
+    def _trained(self, key: tuple[int, int], now: float) -> None:
+        i, k = key
+        net = self.ctx.net
+        result = self.loop.finish(self.jobs, key, i, now, self._round)
+        if result is None:  # went down while training: the job is lost
             return
-        result = self.jobs.result((i, k))
-        if not self.ctx.screen([result], round):  # failed or dropped: keep training the old model
+        if not self.ctx.screen([result], self._round):  # failed or dropped: keep training the old model
             self.jobs_done[i] += 1
             self._start(i, now)
             return
-        self.losses.append(result.metrics["train_loss"])
+        self.losses.append(result.train_loss)
         for name, t in result.params.items():
             self.X[name][i] = t
         self.jobs_done[i] += 1
         # dead neighbours are skipped (a node knows who answers); lost messages still cost bytes
-        up = [int(j) for j in self.neighbours[i] if failures.alive(int(j), now, round)]
+        up = [int(j) for j in self.neighbours[i] if net.alive(int(j), now, self._round)]
         if self.jobs_done[i] % self.cfg.push_every == 0 and up:
-            # copies leave one after another over the node's uplink, queued behind earlier pushes
-            system = self.ctx.system
-            per_copy = self.nbytes / float(system.bandwidth[i])
-            start = max(now, float(self.uplink_free[i]))
-            for n, j in enumerate(up, start=1):
-                if failures.delivered():
-                    self.queue.push(start + n * per_copy + float(system.latency[i]), "received", (j, result.params))
-            self.uplink_free[i] = start + len(up) * per_copy
-            self.ctx.busy[i] += len(up) * per_copy
-            self.ctx.ledger.transfer(i, np.array(up), self.nbytes)
+            for j, arrives in net.send(i, up, self.nbytes, at=now, purpose="gossip.push", ids=(i, k)):
+                self.loop.at(arrives, "received", (j, result.params))
         needed = max(1, math.ceil(self.cfg.buffer_factor * len(up)))
         if self.buffers[i] and len(self.buffers[i]) >= needed:
             self._merge(i)
@@ -175,12 +174,18 @@ class GossipLearning:
 
     def _merge(self, i: int) -> None:
         received = stack(self.buffers[i])
+        m = len(self.buffers[i])
         self.buffers[i] = []
         own = self._node(i)
+        batch = UpdateBatch(
+            params=received, num_examples=torch.ones(m, dtype=torch.int64), client_ids=torch.full((m,), -1),
+            staleness=torch.zeros(m, dtype=torch.int64), coefficients=torch.full((m,), 1.0 / m, dtype=torch.float64),
+        )
+        combined = combine(self.rule, own, batch, round=self._round, where=f"node {i}'s gossip merge")
         if self.cfg.merge == "variance_corrected":
-            merged = variance_corrected_average(own, received, self.cfg.conservative, self.cfg.eps)
+            merged = variance_corrected_average(own, combined, received, self.cfg.conservative, self.cfg.eps)
         else:
-            merged = conservative_average(own, received, self.cfg.conservative)
+            merged = conservative_average(own, combined, self.cfg.conservative)
         for name, t in merged.items():
             self.X[name][i] = t
         self.merges += 1

@@ -41,6 +41,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fedsim import (
+    LORA_A,
+    LORA_B,
     LocalSGDConfig,
     Params,
     RunContext,
@@ -49,11 +51,14 @@ from fedsim import (
     SGDTrainer,
     TrainJob,
     UpdateBatch,
+    adapter_pairs,
+    bytes_of,
+    is_adapter,
     num_bytes,
     register_aggregator,
     register_algorithm,
+    trainable_names,
 )
-from fedsim.lora import LORA_A, LORA_B, adapter_pairs, bytes_of, is_adapter, trainable_names
 
 # ---------------------------------------------------------------------------------------------
 # client side
@@ -73,8 +78,9 @@ class LoRATrainer:
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
     ) -> tuple[Params, dict[str, float]]:
         self._freeze(model)
-        new, metrics = self.sgd.train(model, params, x, y, job, rng)
-        return {name: new[name] for name in trainable_names(model)}, metrics
+        out = self.sgd.train(model, params, x, y, job, rng)
+        out.params = {name: out.params[name] for name in trainable_names(model)}
+        return out
 
     def vectorized(self, model: nn.Module) -> tuple[SGDTrainer, list[str]]:
         """fedsim's vectorised cohorts run the same SGD on the trainable tensors and return these."""
@@ -292,12 +298,16 @@ def shared_names(model: nn.Module, *, freeze_A: bool = False) -> list[str]:
     return names
 
 
-def lora_rounds(cfg: LoRAConfig, ctx: RunContext, rule: Callable, *, freeze_A: bool = False) -> ServerRounds:
+def lora_rounds(
+    cfg: LoRAConfig, ctx: RunContext, rule: Callable, *, freeze_A: bool = False, replaceable: bool = True,
+) -> ServerRounds:
+    """Server rounds over the adapters. Where the method's server step is the method (FlexLoRA's
+    SVD, LoRA-FAIR's correction), `replaceable = False` keeps it, and `[aggregator]` is refused."""
     names = shared_names(ctx.model, freeze_A=freeze_A)
     return ServerRounds(
         ctx,
         trainer=LoRATrainer(SGDTrainer.from_config(cfg), freeze_A=freeze_A),
-        aggregator=ctx.aggregator or rule,
+        aggregator=ctx.rule(rule) if replaceable else rule,
         clients_per_round=cfg.clients_per_round,
         download_bytes=lambda params: bytes_of(params, names),
         upload_bytes=lambda result: num_bytes(result.params),
@@ -316,9 +326,9 @@ def ffa_lora(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
 
 @register_algorithm("flexlora")
 def flexlora(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
-    return lora_rounds(cfg, ctx, FlexLoRA())
+    return lora_rounds(cfg, ctx, FlexLoRA(), replaceable=False)
 
 
 @register_algorithm("lora_fair")
 def lora_fair(cfg: LoRAFairConfig, ctx: RunContext) -> ServerRounds:
-    return lora_rounds(cfg, ctx, LoRAFair(lam=cfg.lam, steps=cfg.server_steps, lr=cfg.server_lr))
+    return lora_rounds(cfg, ctx, LoRAFair(lam=cfg.lam, steps=cfg.server_steps, lr=cfg.server_lr), replaceable=False)

@@ -31,13 +31,24 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import Field
 
-from fedsim import LocalSGDConfig, Params, RunContext, SGDTrainer, TrainJob, make_batch, register_algorithm, weighted_sum
-from fedsim.checkpoint import checkpointable
-from fedsim.clock import EventQueue
-from fedsim.jobs import JobPool
-from fedsim.params import clone, num_bytes
-from fedsim.sampling import ordered_candidates
-from fedsim.training import ClientResult
+from fedsim import (
+    ClientResult,
+    EventLoop,
+    JobPool,
+    LocalSGDConfig,
+    Params,
+    RunContext,
+    SGDTrainer,
+    TrainJob,
+    WeightedMean,
+    checkpointable,
+    clone,
+    combine,
+    make_batch,
+    num_bytes,
+    ordered_candidates,
+    register_algorithm,
+)
 
 SMALL_MESSAGE = 64  # bytes of a ping, pong or acknowledgement
 
@@ -97,7 +108,7 @@ class Collection:
 
 class MoDeST:
     STATE = (
-        "queue", "jobs", "views", "genesis", "pending", "r_hat", "known_model", "collections", "acked", "tried",
+        "loop", "jobs", "views", "genesis", "pending", "r_hat", "known_model", "collections", "acked", "tried",
         "initial", "models", "latest", "joined", "left", "dropped_rounds", "restarts", "_round", "_started",
     )
 
@@ -112,9 +123,16 @@ class MoDeST:
         self.trainer = SGDTrainer.from_config(cfg)
         self.sizes = ctx.data.num_examples()
         self.jobs = JobPool(ctx.executor(self.trainer))
-        self.queue = EventQueue()
-        failures = ctx.failures
-        genesis_member = np.where(failures.joins, -1, 0).astype(np.int16)
+        self.rule = ctx.rule(WeightedMean())
+        self.loop = EventLoop(ctx, {
+            "model": lambda p, t: self.on_model(p[0], p[1], p[2], p[3], p[4], t),
+            "trained": lambda p, t: self.on_trained(p[0], p[1], t),
+            "update": lambda p, t: self.on_update(p[0], p[1], p[2], p[3], p[4], t),
+            "aggregation_timeout": lambda p, t: self.on_aggregation_timeout(p[0], p[1], t),
+            "ack_timeout": lambda p, t: self.on_ack_timeout(p[0], p[1], p[2], t),
+            "round_check": lambda p, t: self.on_round_check(p[0], p[1], p[2], p[3], t),
+        })
+        genesis_member = np.where(ctx.net.joining, -1, 0).astype(np.int16)
         self.views: dict[int, View] = {}
         self.genesis = View(np.zeros(n, dtype=np.int32), genesis_member)
         self.pending: dict[int, list[int]] = {}  # node -> peers whose JOIN it holds back
@@ -126,7 +144,7 @@ class MoDeST:
         self.initial = clone(ctx.init_params)
         self.models: dict[int, Params] = {0: self.initial}  # the latest round -> its first aggregated model
         self.latest = 0
-        self.joined = ~failures.joins
+        self.joined = ~ctx.net.joining
         self.left = np.zeros(n, dtype=bool)
         self.nbytes = num_bytes(ctx.init_params)
         self.dropped_rounds = 0
@@ -174,8 +192,8 @@ class MoDeST:
         while len(chosen) < count and pos < len(order):
             wave = order[pos : pos + count - len(chosen)]
             pos += len(wave)
-            self.ctx.ledger.transfer(node, wave, SMALL_MESSAGE)
-            alive = [int(p) for p in wave if p == node or self.ctx.failures.alive(int(p), now + elapsed, self._round)]
+            self.ctx.net.signal(node, wave, SMALL_MESSAGE)
+            alive = [int(p) for p in wave if p == node or self.ctx.net.alive(int(p), now + elapsed, self._round)]
             for p in alive:
                 answered += 1
                 if answered > skip:
@@ -188,51 +206,43 @@ class MoDeST:
     def _send_model(self, sender: int, receivers: list[int], kind: str, round: int, payload: object, now: float) -> None:
         view = self.outgoing_view(sender)
         size = self.nbytes + view.nbytes()
-        system = self.ctx.system
-        per_copy = size / float(system.bandwidth[sender])
-        for n, r in enumerate(receivers, start=1):  # copies leave one after another over the uplink
-            self.ctx.ledger.transfer(sender, r, size)
-            if self.ctx.failures.delivered():
-                self.queue.push(now + float(system.latency[sender]) + n * per_copy, kind, (r, round, payload, view, sender))
+        for r, arrives in self.ctx.net.send(sender, receivers, size, at=now, purpose=f"modest.{kind}", ids=(sender, round)):
+            self.loop.at(arrives, kind, (r, round, payload, view, sender))
 
     def _start_round(self, node: int, round: int, model: Params, now: float) -> None:
         trainers, delay = self.select(node, round, self.cfg.sample_size, now)
         self._send_model(node, trainers, "model", round, model, now + delay)
         check = now + delay + 2 * self.cfg.aggregation_timeout
-        self.queue.push(check, "round_check", (node, round, model, tuple(trainers)))
+        self.loop.at(check, "round_check", (node, round, model, tuple(trainers)))
 
     def on_round_check(self, node: int, round: int, model: Params, trainers: tuple[int, ...], now: float) -> None:
         """Liveness: the node that started a round pings its trainers later; if none answers,
         every trainer crashed and no aggregator will ever hear of the round, so it starts the
         round again with trainers that answer. Costs a few pings per round otherwise."""
-        if not self.ctx.failures.alive(node, now, self._round) or not trainers:
+        if not self.ctx.net.alive(node, now, self._round) or not trainers:
             return
-        self.ctx.ledger.transfer(node, np.array(trainers), SMALL_MESSAGE)
-        if any(self.ctx.failures.alive(t, now, self._round) for t in trainers):
+        self.ctx.net.signal(node, np.array(trainers), SMALL_MESSAGE)
+        if any(self.ctx.net.alive(t, now, self._round) for t in trainers):
             return
         self.restarts += 1
         self._start_round(node, round, model, now + self.cfg.ping_timeout)
 
     def on_model(self, trainer: int, round: int, model: Params, view: View, sender: int, now: float) -> None:
-        if not self.ctx.failures.alive(trainer, now, self._round) or round <= self.r_hat[trainer]:
+        if not self.ctx.net.alive(trainer, now, self._round) or round <= self.r_hat[trainer]:
             return  # down, or an older (or second) copy of a round it already has
         self.r_hat[trainer] = round
         self.learn(trainer, view)
         self.known_model[trainer] = (round, model)
         self.jobs.start((trainer, round), TrainJob(trainer, round), model)
         steps = self.trainer.num_steps(int(self.sizes[trainer]))
-        duration = self.ctx.system.compute_time(trainer, steps, job=round)
-        self.ctx.busy[trainer] += duration
-        self.queue.push(now + duration, "trained", (trainer, round))
+        duration = self.ctx.net.compute(trainer, steps, job=round)
+        self.loop.at(now + duration, "trained", (trainer, round))
 
     def on_trained(self, trainer: int, round: int, now: float) -> None:
-        if not self.ctx.failures.alive(trainer, now, self._round):
-            self.jobs.cancel((trainer, round))
-            return
-        result = self.jobs.result((trainer, round))
-        if not self.ctx.screen([result], self._round):
+        result = self.loop.finish(self.jobs, (trainer, round), trainer, now, self._round)
+        if result is None or not self.ctx.screen([result], self._round):
             return  # failed or dropped: like a trainer that crashed this round
-        self.losses.append(result.metrics["train_loss"])
+        self.losses.append(result.train_loss)
         self._deliver(trainer, round, result, now, skip=0)
 
     def _deliver(self, trainer: int, round: int, result: ClientResult, now: float, skip: int) -> None:
@@ -240,30 +250,30 @@ class MoDeST:
         self.tried[(trainer, round)] = skip + len(aggregators)
         self.mark_active(trainer, trainer, round)
         self._send_model(trainer, aggregators, "update", round + 1, result, now + delay)
-        self.queue.push(now + delay + self.cfg.ack_timeout, "ack_timeout", (trainer, round, result))
+        self.loop.at(now + delay + self.cfg.ack_timeout, "ack_timeout", (trainer, round, result))
 
     def on_update(self, aggregator: int, round: int, result: ClientResult, view: View, sender: int, now: float) -> None:
-        if not self.ctx.failures.alive(aggregator, now, self._round):
+        if not self.ctx.net.alive(aggregator, now, self._round):
             return
         self.learn(aggregator, view)
         self.mark_active(aggregator, sender, round - 1)
         key = (aggregator, round)
         collection = self.collections.setdefault(key, Collection())
         if collection.done:  # a round it already closed: acknowledged, so the sender stops
-            self.ctx.ledger.transfer(aggregator, sender, SMALL_MESSAGE)
+            self.ctx.net.signal(aggregator, sender, SMALL_MESSAGE)
             self.acked.add((sender, round - 1))
             return
         if any(r.client_id == result.client_id for r in collection.results):
             return
         collection.results.append(result)
         if len(collection.results) == 1:
-            self.queue.push(now + self.cfg.aggregation_timeout, "aggregation_timeout", key)
+            self.loop.at(now + self.cfg.aggregation_timeout, "aggregation_timeout", key)
         if len(collection.results) >= max(1, int(self.cfg.sample_size * self.cfg.success_fraction)):
             self._aggregate(aggregator, round, now)
 
     def on_aggregation_timeout(self, aggregator: int, round: int, now: float) -> None:
         collection = self.collections.get((aggregator, round))
-        if collection is None or collection.done or not self.ctx.failures.alive(aggregator, now, self._round):
+        if collection is None or collection.done or not self.ctx.net.alive(aggregator, now, self._round):
             return
         if len(collection.results) >= self.cfg.liveness_min:
             self._aggregate(aggregator, round, now)
@@ -279,11 +289,11 @@ class MoDeST:
         collection = self.collections[(aggregator, round)]
         collection.done = True
         results = sorted(collection.results, key=lambda r: r.client_id)
-        batch = make_batch(results)
-        model = weighted_sum(batch.params, batch.weights())
+        _, current = self.known_model.get(aggregator, (0, self.initial))
+        model = combine(self.rule, current, make_batch(results), round=round - 1, where=f"MoDeST aggregator {aggregator}")
         for r in results:
             self.acked.add((r.client_id, round - 1))
-            self.ctx.ledger.transfer(aggregator, r.client_id, SMALL_MESSAGE)
+            self.ctx.net.signal(aggregator, r.client_id, SMALL_MESSAGE)
         self.known_model[aggregator] = (round - 1, model)
         if round - 1 > self.latest:
             self.latest = round - 1
@@ -291,24 +301,24 @@ class MoDeST:
         self._start_round(aggregator, round, model, now)
 
     def on_ack_timeout(self, trainer: int, round: int, result: ClientResult, now: float) -> None:
-        if (trainer, round) in self.acked or not self.ctx.failures.alive(trainer, now, self._round):
+        if (trainer, round) in self.acked or not self.ctx.net.alive(trainer, now, self._round):
             return
         self._deliver(trainer, round, result, now, skip=self.tried[(trainer, round)])
 
     # --- membership changes announced at round boundaries --------------------------------
 
     def _membership(self, now: float) -> None:
-        failures = self.ctx.failures
+        net = self.ctx.net
         rng = self.ctx.generator("modest.gossip", self._round)
-        for node in np.flatnonzero(failures.joins & ~self.joined):
-            if failures.alive(int(node), now, self._round):
+        for node in np.flatnonzero(net.joining & ~self.joined):
+            if net.alive(int(node), now, self._round):
                 self.joined[node] = True
                 peers = rng.choice(self.n, size=min(self.n, 10 * self.cfg.sample_size), replace=False)
                 for p in peers:
                     self.pending.setdefault(int(p), []).append(int(node))
-                self.ctx.ledger.transfer(int(node), peers, SMALL_MESSAGE)
-        for node in np.flatnonzero(failures.leaves & ~self.left):
-            if failures.left(int(node), now, self._round):
+                net.signal(int(node), peers, SMALL_MESSAGE)
+        for node in np.flatnonzero(net.leaving & ~self.left):
+            if net.left(int(node), now, self._round):
                 self.left[node] = True
                 peers = rng.choice(self.n, size=min(self.n, 10 * self.cfg.sample_size), replace=False)
                 for p in peers:
@@ -316,7 +326,7 @@ class MoDeST:
                     member = v.membership.copy()
                     member[node] = member[node] + 1 if member[node] % 2 == 0 else member[node]
                     self.views[int(p)] = View(v.last_active, member)
-                self.ctx.ledger.transfer(int(node), peers, SMALL_MESSAGE)
+                net.signal(int(node), peers, SMALL_MESSAGE)
 
     # --- the flow protocol ---------------------------------------------------------------
 
@@ -328,26 +338,15 @@ class MoDeST:
         if not self._started:  # everyone knows the initial model: round 1's trainers just start
             self._started = True
             order = ordered_candidates(self.genesis.candidates(1, self.cfg.inactivity_threshold, 0), 1)
-            trainers = [int(p) for p in order if self.ctx.failures.alive(int(p), now, round)][: self.cfg.sample_size]
+            trainers = [int(p) for p in order if self.ctx.net.alive(int(p), now, round)][: self.cfg.sample_size]
             for trainer in trainers:
                 self.on_model(trainer, 1, self.initial, self.genesis, trainer, now)
-        handlers = {
-            "model": lambda p, t: self.on_model(p[0], p[1], p[2], p[3], p[4], t),
-            "trained": lambda p, t: self.on_trained(p[0], p[1], t),
-            "update": lambda p, t: self.on_update(p[0], p[1], p[2], p[3], p[4], t),
-            "aggregation_timeout": lambda p, t: self.on_aggregation_timeout(p[0], p[1], t),
-            "ack_timeout": lambda p, t: self.on_ack_timeout(p[0], p[1], p[2], t),
-            "round_check": lambda p, t: self.on_round_check(p[0], p[1], p[2], p[3], t),
-        }
         before = self.ctx.clock.now
         self.losses = []
         limit = before + self.cfg.max_round_seconds
-        while self.latest < round and self.queue and self.queue.peek().time <= limit:
-            event = self.queue.pop()
-            self.ctx.clock.advance_to(event.time)
-            handlers[event.kind](event.payload, event.time)
+        self.loop.run(limit, until=lambda: self.latest >= round)
         if self.latest < round:  # stalled: let simulated time pass so the run stays bounded
-            self.ctx.clock.advance_to(max(self.ctx.clock.now, limit if self.queue else self.ctx.clock.now))
+            self.ctx.clock.advance_to(max(self.ctx.clock.now, limit if self.loop else self.ctx.clock.now))
         return {
             "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
             "global_round": float(self.latest),

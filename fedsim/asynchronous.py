@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from .aggregation import WeightedMean, combine
 from .checkpoint import checkpointable
-from .clock import EventQueue
+from .events import EventLoop
 from .jobs import JobPool
 from .ledger import SERVER
-from .params import Params, clone, num_bytes, stack, weighted_sum
+from .params import Params, UpdateBatch, clone, num_bytes, stack
 from .training import ClientResult, LocalSGDConfig, SGDTrainer, TrainJob
 
 if TYPE_CHECKING:
@@ -73,7 +74,10 @@ class Arrival:
 
 
 class AsyncServer:
-    STATE: tuple[str, ...] = ("params", "version", "jobs_started", "idle", "queue", "jobs", "_pending", "_round")
+    """The event-driven server loop FedAsync, FedBuff and FedCompass share; subclasses decide what
+    an arrival does and call `merge` to fold updates into the global model through the rule."""
+
+    STATE: tuple[str, ...] = ("params", "version", "jobs_started", "loop", "jobs", "_pending", "_round")
 
     def __init__(self, ctx: "RunContext", cfg: AsyncConfig, trainer: SGDTrainer, default_round_seconds: float | None = None):
         """By default every client trains continuously for its trainer's step count, and a recorded
@@ -81,14 +85,14 @@ class AsyncServer:
         self.ctx = ctx
         self.cfg = cfg
         self.trainer = trainer
+        self.rule = ctx.rule(WeightedMean())
         self.jobs = JobPool(ctx.executor(trainer))
-        self.queue = EventQueue()
+        self.loop = EventLoop(ctx, {"arrival": self._arrival, "deadline": self.on_timer})
         self.params: Params = clone(ctx.init_params)
         self.version = 0
         self.nbytes = num_bytes(self.params)
         n = ctx.data.num_clients
         self.jobs_started = np.zeros(n, dtype=np.int64)
-        self.idle = np.zeros(n, dtype=bool)
         self._round = 1
         sizes = ctx.data.num_examples().astype(np.float64)
         self.p = np.full(n, 1.0 / n) if cfg.weights == "equal" else sizes / sizes.sum()
@@ -102,27 +106,37 @@ class AsyncServer:
 
     def dispatch(self, client: int, now: float, steps: int) -> float | None:
         """Send the current model to `client` for `steps` local steps; returns its arrival time,
-        or None when the client is down (it is then offered work again once it is back up)."""
-        self.ctx.ledger.transfer(SERVER, client, self.nbytes)
-        if not self.ctx.failures.alive(client, now, self._round) or not self.ctx.failures.delivered():
-            self.idle[client] = True
-            return None
+        or None when the client is down or the model lost (it is offered work again once up, at
+        the next round boundary)."""
+        net = self.ctx.net
         k = int(self.jobs_started[client])
+        reached = net.post(SERVER, [client], self.nbytes, purpose="download", ids=(client, k, self._round))
+        if not reached or not net.alive(client, now, self._round):
+            self.loop.idle[client] = True
+            return None
         self.jobs_started[client] += 1
-        start = dict(self.params)  # `apply` replaces tensors, never writes into them: no copy needed
+        start = dict(self.params)  # `merge` replaces tensors, never writes into them: no copy needed
         self.jobs.start((client, k), TrainJob(client, k + 1, steps=steps), start)
-        duration = self.ctx.system.job_time(client, steps, self.nbytes, self.nbytes, job=k)
-        self.ctx.busy[client] += duration
+        duration = net.round_trip(client, steps, self.nbytes, self.nbytes, job=k)
         self._pending[(client, k)] = Arrival(client, None, start, self.version, steps, now)  # type: ignore[arg-type]
-        self.queue.push(now + duration, "arrival", (client, k))
+        self.loop.at(now + duration, "arrival", (client, k))
         return now + duration
 
-    def apply(self, updates: list[Params], coefficients: np.ndarray, *, subtract: bool) -> None:
-        """w <- w -/+ sum_j c_j u_j (one stacked weighted sum per tensor), and bump the version."""
-        total = weighted_sum(stack(updates), torch.as_tensor(coefficients, dtype=torch.float64))
-        for name, t in self.params.items():
-            if t.is_floating_point():
-                self.params[name] = t - total[name] if subtract else t + total[name]
+    def merge(self, updates: list[Params], coefficients: np.ndarray, clients: list[int], staleness: list[int]) -> None:
+        """w <- w - rule(updates): the rule combines the clients' updates (w_start - w_end, or any
+        other descent direction) with `coefficients` as the weights of a plain weighted sum (the
+        default rule); the server then steps towards the result, and the version moves on."""
+        batch = UpdateBatch(
+            params=stack(updates),
+            num_examples=torch.as_tensor(self.ctx.data.num_examples()[clients], dtype=torch.int64),
+            client_ids=torch.as_tensor(clients, dtype=torch.int64),
+            staleness=torch.as_tensor(staleness, dtype=torch.int64),
+            coefficients=torch.as_tensor(coefficients, dtype=torch.float64),
+            relative=True,
+        )
+        total = combine(self.rule, self.params, batch, round=self._round, where=f"{self.cfg.name}'s merge")
+        target = {name: t - total[name] if t.is_floating_point() else t for name, t in self.params.items()}
+        self.params = self.ctx.server_step(self.params, target, round=self._round)
         self.version += 1
 
     def weight(self, tau: int) -> float:
@@ -141,7 +155,7 @@ class AsyncServer:
         pass
 
     def on_rejoin(self, client: int, now: float) -> None:
-        """A client that was down (or whose update was lost) is up again at a round boundary."""
+        """A client that was down (or whose model or update was lost) is up again at a round boundary."""
         self.dispatch(client, now, int(self.steps[client]))
 
     def round_metrics(self) -> dict[str, float]:
@@ -149,36 +163,27 @@ class AsyncServer:
 
     # --- the flow protocol ---------------------------------------------------------------
 
+    def _arrival(self, key: tuple[int, int], now: float) -> None:
+        arrival = self._pending.pop(key)
+        result = self.loop.finish(self.jobs, key, arrival.client, now, self._round)
+        if result is None:
+            return
+        arrival.result = result
+        reached = self.ctx.net.post(arrival.client, [SERVER], self.nbytes, purpose="upload", ids=key)
+        if not reached or not self.ctx.screen([result], self._round):
+            self.loop.idle[arrival.client] = True
+            return
+        self.losses.append(result.train_loss)
+        self.on_arrival(arrival, now)
+
     def step(self, round: int) -> dict[str, float]:
         self._round = round
         if round == 1:
             self.start()
         horizon = round * self.round_seconds
         self.applied_staleness, self.losses = [], []
-        now = self.ctx.clock.now
-        for client in np.flatnonzero(self.idle):
-            if self.ctx.failures.alive(int(client), now, round):
-                self.idle[client] = False
-                self.on_rejoin(int(client), now)
-        while self.queue and self.queue.peek().time <= horizon:
-            event = self.queue.pop()
-            self.ctx.clock.advance_to(event.time)
-            if event.kind == "arrival":
-                arrival = self._pending.pop(event.payload)
-                failures = self.ctx.failures
-                if not failures.alive(arrival.client, event.time, round):  # died while training
-                    self.jobs.cancel(event.payload)
-                    self.idle[arrival.client] = True
-                    continue
-                arrival.result = self.jobs.result(event.payload)
-                self.ctx.ledger.transfer(arrival.client, SERVER, self.nbytes)
-                if not failures.delivered() or not self.ctx.screen([arrival.result], round):
-                    self.idle[arrival.client] = True
-                    continue
-                self.losses.append(arrival.result.metrics["train_loss"])
-                self.on_arrival(arrival, event.time)
-            else:
-                self.on_timer(event.payload, event.time)
+        self.loop.rejoin(round, self.on_rejoin)
+        self.loop.run(horizon)
         self.ctx.clock.advance_to(horizon)
         stale = self.applied_staleness
         return {
@@ -193,4 +198,3 @@ class AsyncServer:
     def evaluate(self) -> dict[str, float]:
         acc, loss = self.ctx.evaluate(self.params)
         return {"test_accuracy": acc, "test_loss": loss}
-

@@ -21,8 +21,9 @@ import tomli_w
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint
-from .aggregation import Aggregator, build_aggregator
+from . import __version__, checkpoint, vectorized
+from .client_state import ClientStates, StatefulExecutor
+from .aggregation import Aggregator, ServerOptimizer, build_aggregator
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .errors import FedsimError, ScenarioError
@@ -31,6 +32,7 @@ from .failures import FailureModel
 from .history import History
 from .ledger import Ledger
 from .models import build_model
+from .network import Network
 from .params import Params
 from .plotting import plot_run
 from .scenario import RunSpec, label
@@ -74,14 +76,16 @@ class RunContext:
         self.system = SystemModel.from_config(s.system, self.data.num_clients, s.seed)
         self.clock = Clock()
         self.ledger = Ledger(self.data.num_clients)
-        self.busy = np.zeros(self.data.num_clients)  # simulated seconds each client spent on jobs
         self.failures = FailureModel(s.system.failures, self.data.num_clients, s.seed)
+        self.net = Network(self.system, self.failures, self.ledger, s.seed)
         self.first_bad: tuple[int, int] | None = None  # (client, round) of the first non-finite update
         self.dropped_updates = 0
-        self.aggregator: Aggregator | None = None
+        self._aggregator: Aggregator | None = None
+        self.rule_used = False  # whether the flow asked for the configured rule (see `rule`)
         if s.aggregator is not None:
             agg = s.aggregator
-            self.aggregator = _located(lambda: build_aggregator(agg.name, agg.options()), spec, "aggregator")
+            self._aggregator = _located(lambda: build_aggregator(agg.name, agg.options()), spec, "aggregator")
+        self.server_optimizer: ServerOptimizer | None = None
         self.graph: nx.Graph | None = None
         if s.topology is not None:
             from .topologies import build
@@ -91,6 +95,28 @@ class RunContext:
             options = {"seed": int(self.generator("topology").integers(2**31)), **topo.options()}
             self.graph = _located(lambda: build(topo.name, self.data.num_clients, **options), spec, "topology")
         self._executors: list[Executor] = []
+        self._said_sequential = False
+        self.client_states = ClientStates()
+
+    @property
+    def aggregator(self) -> Aggregator | None:
+        """The scenario's `[aggregator]` rule, or None; prefer `rule(default)`."""
+        self.rule_used = True
+        return self._aggregator
+
+    def rule(self, default: Aggregator) -> Aggregator:
+        """The rule a merge point uses: the scenario's `[aggregator]` when it has one, else the
+        method's own `default`. A method that never asks cannot honour `[aggregator]`, and the run
+        says so instead of ignoring it."""
+        self.rule_used = True
+        return self._aggregator if self._aggregator is not None else default
+
+    def server_step(self, params: Params, combined: Params, *, round: int) -> Params:
+        """How the server moves from `params` towards what the rule `combined`: to it exactly by
+        default, or a step of the scenario's server optimiser on the pseudo-gradient."""
+        if self.server_optimizer is None:
+            return combined
+        return self.server_optimizer.step(params, combined, round=round)
 
     def generator(self, purpose: str, *ids: int) -> np.random.Generator:
         return generator(self.seed, purpose, *ids)
@@ -121,7 +147,11 @@ class RunContext:
                 address=self.options.address or s.system.address,
             )
         self._executors.append(executor)
-        return executor
+        if spec.vectorize is not False and not self._said_sequential and vectorized.plan(self.model, trainer) is None:
+            self._said_sequential = True
+            reason = "the model has buffers" if list(self.model.buffers()) else f"{type(trainer).__name__} has no vectorised form"
+            print(f"fedsim: clients train one after another ({reason})")
+        return StatefulExecutor(executor, self.client_states)
 
     def evaluate(self, params: Params) -> tuple[float, float]:
         """Test accuracy and loss of `params`, computed with the workers' fixed thread count."""
@@ -144,18 +174,14 @@ class RunContext:
 
     def state(self) -> dict[str, Any]:
         """The simulation state the context owns, for checkpoints."""
-        return {
-            "now": self.clock.now, "sent": self.ledger.sent, "received": self.ledger.received,
-            "busy": self.busy, "messages": self.failures.state(), "dropped_updates": self.dropped_updates,
-        }
+        return {"now": self.clock.now, "net": self.net.state(), "dropped_updates": self.dropped_updates,
+                "client_states": self.client_states.states}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.clock.now = state["now"]
-        self.ledger.sent[:] = state["sent"]
-        self.ledger.received[:] = state["received"]
-        self.busy[:] = state["busy"]
-        self.failures.load_state(state["messages"])
+        self.net.load_state(state["net"])
         self.dropped_updates = state["dropped_updates"]
+        self.client_states.states = state["client_states"]
 
     def close(self) -> None:
         for executor in self._executors:
@@ -198,6 +224,9 @@ def run(
     with torch_threads(s.system.threads_per_worker):
         try:
             flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
+            if s.aggregator is not None and not ctx.rule_used:
+                raise ScenarioError(f"algorithm '{spec.algorithm_config.name}' has no merge step that a rule can "
+                                    "replace: remove the [aggregator] table", key="aggregator")
             first = 1
             if saved is not None:
                 checkpoint.restore(flow, saved["flow"])
@@ -310,7 +339,7 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         summary["sim_time_to_target"] = None if first is None else float(first["sim_time"])
         summary["bytes_to_target"] = None if first is None else int(first["bytes_sent"])
     if ctx.clock.now > 0:
-        idle = 1.0 - np.minimum(ctx.busy / ctx.clock.now, 1.0)
+        idle = 1.0 - np.minimum(ctx.net.busy / ctx.clock.now, 1.0)
         summary["mean_idle_fraction"] = float(idle.mean())
         if len(idle) <= 1000:  # a list per client stays readable; beyond, the mean says enough
             summary["client_idle_fraction"] = [round(float(x), 4) for x in idle]

@@ -8,6 +8,7 @@ the stack per round serves every node's training job.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import TYPE_CHECKING, Literal
 
 import networkx as nx
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from .aggregation import Aggregator, combine
 from .errors import TopologyError
 from .models import build_model
-from .params import Params, stack
+from .params import Params, UpdateBatch, stack
 from .registry import topologies
 from .training import LocalSGDConfig, TrainJob, Trainer, get_params
 
@@ -64,6 +66,32 @@ def mix(W: torch.Tensor, X: Params) -> Params:
             continue
         flat = t.reshape(t.shape[0], -1)
         out[name] = torch.sparse.mm(W, flat).reshape(t.shape)
+    return out
+
+
+def rule_mix(rule: Aggregator, W: torch.Tensor, X: Params, round: int) -> Params:
+    """A gossip step with an aggregation rule: every node combines the models of its
+    neighbourhood (its own included, the nodes with a non-zero mixing weight), the mixing weights
+    as the batch's coefficients. One rule call per node: robust rules do not factor into a
+    matrix product."""
+    csr = W.to_sparse_csr()
+    crow, col, val = csr.crow_indices(), csr.col_indices(), csr.values()
+    n = W.shape[0]
+    out = {k: v.clone() for k, v in X.items()}
+    for i in range(n):
+        lo, hi = int(crow[i]), int(crow[i + 1])
+        nbrs = col[lo:hi]
+        batch = UpdateBatch(
+            params={k: v[nbrs] for k, v in X.items()},
+            num_examples=torch.ones(len(nbrs), dtype=torch.int64),
+            client_ids=nbrs.to(torch.int64),
+            staleness=torch.zeros(len(nbrs), dtype=torch.int64),
+            coefficients=val[lo:hi].to(torch.float64),
+        )
+        own = {k: v[i] for k, v in X.items()}
+        combined = combine(rule, own, batch, round=round, where=f"node {i}'s neighbourhood")
+        for k, t in combined.items():
+            out[k][i] = t
     return out
 
 
@@ -137,6 +165,7 @@ class GraphRounds:
         self.topology = ctx.spec.scenario.topology
         self.executor = ctx.executor(trainer)
         self.gossip_steps = gossip_steps
+        self.rule = ctx.aggregator  # None: the sparse product X <- W X, the fast path
         self.X = initial_nodes(ctx, init)
         self.evaluator = NodeEvaluator(ctx, eval_nodes)
         if self.topology.time_varying and "seed" not in inspect.signature(topologies.get(self.topology.name)).parameters:
@@ -171,8 +200,8 @@ class GraphRounds:
     def step(self, round: int) -> dict[str, float]:
         if self.topology.time_varying:
             self._set_graph(self.graph_for(round))
-        ctx = self.ctx
-        alive = ctx.failures.alive_mask(ctx.clock.now, round)
+        ctx, net = self.ctx, self.ctx.net
+        alive = net.alive_mask(ctx.clock.now, round)
         active = np.flatnonzero(alive)
         results = ctx.screen(self.executor.train(self.X, [TrainJob(int(i), round, row=int(i)) for i in active]), round)
         if results:  # a node whose job failed or was dropped keeps its model
@@ -181,35 +210,40 @@ class GraphRounds:
             for name, t in trained.items():
                 self.X[name][rows] = t
         nbytes = sum(t[0].numel() * t.element_size() for t in self.X.values())
-        W, senders, receivers = self.W, self.senders, self.receivers
-        for q in range(self.gossip_steps):
-            if not alive.all() or ctx.failures.cfg.message_loss > 0:
-                W, senders, receivers = self._surviving(alive, round, q)
-            self.X = mix(W, self.X)
-            ctx.ledger.transfer(senders, receivers, nbytes)
-        system = ctx.system
         compute = np.zeros(self.ctx.data.num_clients)
         for r in results:
-            compute[r.client_id] = system.compute_time(r.client_id, int(r.metrics["steps"]), job=round)
-        # a node sends one copy per neighbour over its own uplink, one after another
-        copies = np.bincount(senders, minlength=len(compute))
-        sending = np.where(copies > 0, system.latency + copies * nbytes / system.bandwidth, 0.0)
-        ctx.busy += compute + self.gossip_steps * sending
-        ctx.clock.advance_to(ctx.clock.now + float(compute.max(initial=0.0)) + self.gossip_steps * float(sending.max(initial=0.0)))
-        losses = [r.metrics["train_loss"] for r in results]
+            compute[r.client_id] = net.compute(r.client_id, r.steps, job=round)
+        W, senders, receivers = self.W, self.senders, self.receivers
+        sending = []
+        for q in range(self.gossip_steps):
+            if not alive.all() or net.lossy:
+                W, senders, receivers = self._surviving(alive, round, q)
+            self.X = self.merge(W, self.X, round)
+            net.exchange(senders, receivers, nbytes)
+            # a node sends one copy per neighbour over its own uplink, one after another
+            sending.append(net.gossip_time(senders, nbytes))
+        ctx.clock.advance_to(ctx.clock.now + float(compute.max(initial=0.0)) + math.fsum(sending))
+        losses = [r.train_loss for r in results]
         return {
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "alive_nodes": float(alive.sum()),
         }
 
+    def merge(self, W: torch.Tensor, X: Params, round: int) -> Params:
+        """One neighbourhood averaging step: X <- W X as a sparse product, or, with a configured
+        `[aggregator]`, the rule applied to each node's neighbourhood (itself included), the
+        mixing weights as the batch's weights."""
+        if self.rule is None:
+            return mix(W, X)
+        return rule_mix(self.rule, W, X, round)
+
     def _surviving(self, alive: np.ndarray, round: int, q: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The mixing operator over the edges that work in this gossip step: both ends up and the
-        message not lost. Nodes left without a working edge keep their own model."""
-        loss = self.ctx.failures.cfg.message_loss
+        message not lost (drawn per undirected edge: a lost exchange is lost both ways). Nodes
+        left without a working edge keep their own model."""
         keep = alive[self.senders] & alive[self.receivers]
-        if loss > 0:
-            n_edges = len(self.senders) // 2
-            delivered = self.ctx.generator("failures.gossip", round, q).random(n_edges) >= loss
+        if self.ctx.net.lossy:
+            delivered = self.ctx.net.delivered_many(len(self.senders) // 2, "gossip", round, q)
             keep &= np.concatenate([delivered, delivered])
         G = nx.Graph()
         G.add_nodes_from(range(self.ctx.data.num_clients))

@@ -46,11 +46,16 @@ class TopologyError(FedsimError):
     """A graph that cannot be built or does not have the property a method needs."""
 
 
-class ClientError(FedsimError):
-    """A trainer or other plugin raised while working for a client: a bug to report, not bad input.
-    The run stops with its rows kept (exit code 1), unless the scenario treats it as a failure."""
+class PluginError(FedsimError):
+    """A plug-in (rule, trainer, flow) raised or returned the wrong thing during a run: a bug to
+    report, not bad input. The run stops with its rows kept (exit code 1)."""
 
     exit_code = 1
+
+
+class ClientError(PluginError):
+    """A trainer raised while working for a client; the scenario may treat it as a failure instead
+    (`on_client_error = "drop"`)."""
 
 
 class DivergenceError(FedsimError):

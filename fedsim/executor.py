@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -23,7 +23,7 @@ from .models import build_model
 from .errors import ClientError
 from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
-from .training import ClientResult, TrainJob, Trainer, torch_threads
+from .training import ClientResult, TrainJob, Trainer, TrainOutput, torch_threads
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,18 @@ class Worker:
         if self.device.type == "cuda":
             self.model.to(self.device)  # functional_call reads the module's structure there
 
-    def run(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob]) -> list[ClientResult]:
+    def run(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> list[ClientResult]:
         tensors = from_numpy(shared)
+        if payload:  # the round's payload reaches each trainer with the job's own inputs
+            extra = from_numpy(payload)
+            jobs = [replace(j, inputs={**extra, **j.inputs}) for j in jobs]
         if self.vectorize:
             return self._run_vectorized(tensors, jobs)
         return self._run_sequential(tensors, jobs)
+
+    def _train_one(self, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob) -> TrainOutput:
+        rng = generator(self.spec.seed, "train", job.client_id, job.round)
+        return TrainOutput.coerce(self.spec.trainer.train(self.model, params, x, y, job, rng))
 
     def _run_sequential(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
         results = []
@@ -70,21 +77,19 @@ class Worker:
             for job in jobs:
                 params = tensors if job.row is None else {k: v[job.row] for k, v in tensors.items()}
                 x, y = self.data.client(job.client_id)
-                rng = generator(self.spec.seed, "train", job.client_id, job.round)
                 try:
-                    new, metrics = self.spec.trainer.train(self.model, params, x, y, job, rng)
+                    out = self._train_one(params, x, y, job)
                 except Exception as exc:  # a plugin's bug: name it, and the client, for the user
                     if self.spec.on_client_error == "stop":
                         raise ClientError(
                             f"trainer {type(self.spec.trainer).__name__} raised {exc!r} on client "
                             f"{job.client_id} in round {job.round}"
                         ) from exc
-                    new, metrics = {k: v.clone() for k, v in params.items()}, {"train_loss": float("nan"), "steps": 0.0, "failed": 1.0}
-                if not is_finite(new) or not math.isfinite(metrics.get("train_loss", 0.0)):
-                    metrics["nonfinite"] = 1.0
-                results.append(ClientResult(job.client_id, new, len(y), metrics))
+                    out = TrainOutput({k: v.clone() for k, v in params.items()}, 0, float("nan"), {"failed": 1.0})
+                if not is_finite(out.params) or not math.isfinite(out.train_loss):
+                    out.metrics["nonfinite"] = 1.0
+                results.append(_result(job, len(y), out))
         return results
-
 
     def _run_vectorized(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
         """Chunks of at most `chunk_size` jobs, each trained as one batched computation."""
@@ -100,30 +105,35 @@ class Worker:
                     sgd, names = self.plan  # type: ignore[misc]
                     trained = vectorized.train_chunk(self.model, sgd, params, data, chunk, rngs, self.device)
                     if names is not None:
-                        trained = [({n: new[n] for n in names}, metrics) for new, metrics in trained]
+                        for out in trained:
+                            out.params = {n: out.params[n] for n in names}
                 except Exception:  # find the client to blame (or drop) one by one
                     results += self._run_sequential(tensors, chunk)
                     continue
-                for job, (x, y), (new, metrics) in zip(chunk, data, trained):
-                    if not math.isfinite(metrics["train_loss"]):  # parameters were checked per chunk
-                        metrics["nonfinite"] = 1.0
-                    results.append(ClientResult(job.client_id, new, len(y), metrics))
+                for job, (x, y), out in zip(chunk, data, trained):
+                    if not math.isfinite(out.train_loss):  # parameters were checked per chunk
+                        out.metrics["nonfinite"] = 1.0
+                    results.append(_result(job, len(y), out))
         return results
 
     def pid(self) -> int:
         """The hosting process's id: to measure its memory, or to kill it in fault tests."""
         return os.getpid()
 
-    def run_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob]) -> list[ClientResult]:
+    def run_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> list[ClientResult]:
         """`run` with numpy results, which Ray moves without pickling tensor storages."""
-        results = self.run(shared, jobs)
+        results = self.run(shared, jobs, payload)
         for result in results:
             result.params = to_numpy(result.params)  # type: ignore[assignment]
         return results
 
 
+def _result(job: TrainJob, num_examples: int, out: TrainOutput) -> ClientResult:
+    return ClientResult(job.client_id, out.params, num_examples, out.metrics, out.extras, out.steps, out.train_loss, out.state)
+
+
 class Executor(Protocol):
-    def train(self, shared: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]: ...
+    def train(self, shared: Params, jobs: Sequence[TrainJob], payload: Params | None = None) -> list[ClientResult]: ...
 
     def close(self) -> None: ...
 
@@ -134,8 +144,8 @@ class InlineExecutor:
     def __init__(self, data: FederatedData, spec: WorkerSpec):
         self.worker = Worker(data, spec)
 
-    def train(self, shared: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
-        return self.worker.run(to_numpy(shared), jobs)
+    def train(self, shared: Params, jobs: Sequence[TrainJob], payload: Params | None = None) -> list[ClientResult]:
+        return self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
 
     def close(self) -> None:
         pass
@@ -217,7 +227,7 @@ class RayExecutor:
             groups[actor].append(i)
         return groups
 
-    def train(self, shared: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
+    def train(self, shared: Params, jobs: Sequence[TrainJob], payload: Params | None = None) -> list[ClientResult]:
         """Run the jobs on the pool. An actor that dies (killed, out of memory) is replaced and
         its jobs run again on the new one; since every job's randomness derives from its ids, the
         results are those the dead actor would have returned."""
@@ -225,10 +235,12 @@ class RayExecutor:
         from ray.exceptions import RayActorError, RayTaskError
 
         shared_ref = ray.put(to_numpy(shared))
+        payload_ref = ray.put(to_numpy(payload or {}))
         results: list[ClientResult | None] = [None] * len(jobs)
         pending = {a: idx for a, idx in enumerate(self._assign(jobs)) if idx}
         for attempt in range(MAX_ACTOR_RESTARTS + 1):
-            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx]) for a, idx in pending.items()}
+            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx], payload_ref)
+                     for a, idx in pending.items()}
             failed = {}
             for a, ref in calls.items():
                 try:

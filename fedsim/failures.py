@@ -1,7 +1,7 @@
 """Crashes, graceful leaves, late joins, on/off churn and lost messages, drawn from the seed.
 
-Every method asks the same questions (is node i up at time t / in round r? is this message
-delivered?) so a scenario's `[system.failures]` applies to all of them. Which nodes fail, their
+Every method asks the same questions (is node i up at time t / in round r?) through the network
+(`fedsim.network.Network`, which also draws message loss from `message_loss`), so a scenario's `[system.failures]` applies to all of them. Which nodes fail, their
 on/off periods and every message loss derive from (seed, purpose, ids), never from the order in
 which a method happens to ask.
 """
@@ -34,7 +34,6 @@ class FailureModel:
         self.joins = _chosen(num_nodes, cfg.join_fraction, seed, "failures.join")
         self.churns = _chosen(num_nodes, cfg.churn_fraction, seed, "failures.churn")
         self._toggles: dict[int, list[float]] = {}
-        self._messages = 0
 
     @property
     def active(self) -> bool:
@@ -63,20 +62,6 @@ class FailureModel:
     def left(self, node: int, t: float, round: int | None = None) -> bool:
         """Left gracefully (and said so), as opposed to crashed."""
         return bool(self.leaves[node]) and self._reached(self.cfg.leave_at, self.cfg.leave_round, t, round)
-
-    def state(self) -> int:
-        """What a checkpoint needs: the message counter (all else derives from the seed)."""
-        return self._messages
-
-    def load_state(self, messages: int) -> None:
-        self._messages = messages
-
-    def delivered(self) -> bool:
-        """Whether the next message gets through; messages are numbered in simulated order."""
-        if self.cfg.message_loss == 0:
-            return True
-        self._messages += 1
-        return bool(generator(self.seed, "failures.loss", self._messages).random() >= self.cfg.message_loss)
 
     def _churn_up(self, node: int, t: float) -> bool:
         """Churning nodes start up and flip at exponential intervals (mean_up, then mean_down, ...),

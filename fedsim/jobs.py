@@ -9,6 +9,7 @@ how jobs are batched never changes the numbers.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Hashable
 
 from .executor import Executor
@@ -45,7 +46,7 @@ class JobPool:
         keys = list(self._waiting)
         jobs = [self._waiting[k][0] for k in keys]
         inputs = stack([self._waiting[k][1] for k in keys])
-        rows = [TrainJob(j.client_id, j.round, row=i, steps=j.steps) for i, j in enumerate(jobs)]
+        rows = [replace(j, row=i) for i, j in enumerate(jobs)]
         for key, result in zip(keys, self.executor.train(inputs, rows)):
             self._done[key] = result
         self._waiting.clear()

@@ -21,11 +21,18 @@ Params = dict[str, Tensor]
 
 @dataclass
 class UpdateBatch:
-    """The results of one cohort of clients, stacked along dim 0.
+    """What one merge point hands its rule: a cohort's tensors stacked along dim 0.
 
-    `params[name]` has shape `(num_clients, *shape)`. `staleness` counts the global versions that
-    passed since each client read its model (0 in synchronous rounds). `extras` carries method
-    payloads that are not parameters (projected coordinates, for example).
+    `params[name]` has shape `(num_clients, *shape)`: client models (`relative = False`: server
+    rounds, graph neighbourhoods, gossip and MoDeST merges) or client updates
+    Delta = w_start - w_end (`relative = True`: FedAsync, FedBuff and FedCompass, whose clients
+    trained from different global versions). A rule returns a tensor of the same kind; a rule that
+    needs a centre takes `center(global_params)`. `staleness` counts the global versions that
+    passed since each client read its model (0 in synchronous rounds). `coefficients`, when the
+    merge point sets them, are the weights a plain weighted sum would use (mixing weights on
+    graphs; event-driven servers fold the staleness discount in, so they need not sum to one);
+    otherwise the weights are the clients' example counts. `extras` carries what a trainer
+    returned besides parameters, stacked when they are tensors.
     """
 
     params: Params
@@ -34,14 +41,25 @@ class UpdateBatch:
     staleness: Tensor
     metrics: list[dict[str, float]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    coefficients: Tensor | None = None
+    relative: bool = False
 
     def __len__(self) -> int:
         return int(self.client_ids.numel())
 
     def weights(self) -> Tensor:
-        """Example-count weights that sum to one (float64 for an exact sum)."""
+        """The merge point's coefficients, or example-count weights that sum to one (float64)."""
+        if self.coefficients is not None:
+            return self.coefficients.to(torch.float64)
         n = self.num_examples.to(torch.float64)
         return n / n.sum()
+
+    def center(self, global_params: Params) -> Params:
+        """The point the stacked tensors are spread around when all clients agree: the global
+        model for models, zero for updates."""
+        if not self.relative:
+            return global_params
+        return {k: torch.zeros_like(v[0]) for k, v in self.params.items()}
 
 
 def stack(items: list[Params]) -> Params:

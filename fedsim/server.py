@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .aggregation import Aggregator, make_batch
+from .aggregation import Aggregator, combine, make_batch
 from .ledger import SERVER
 from .params import Params, clone, num_bytes
 from .sampling import hash_order
@@ -72,24 +72,20 @@ class ServerRounds:
         return np.sort(rng.choice(n, size=self.clients_per_round, replace=False))
 
     def step(self, round: int) -> dict[str, float]:
-        ctx, now = self.ctx, self.ctx.clock.now
+        ctx, net, now = self.ctx, self.ctx.net, self.ctx.clock.now
         sampled = self.sample(round)
         down = self.download_bytes(self.params)
-        ctx.ledger.transfer(SERVER, sampled, down)
-        reached = [int(c) for c in sampled if ctx.failures.alive(int(c), now, round) and ctx.failures.delivered()]
+        reached = [c for c in net.post(SERVER, sampled, down, purpose="download", ids=(round,)) if net.alive(c, now, round)]
         results = self.executor.train(self.params, [TrainJob(c, round) for c in reached]) if reached else []
         results = ctx.screen(results, round)
         limit = self.deadline if self.deadline is not None else np.inf
         kept, longest = [], 0.0
         for r in results:
             up = self.upload_bytes(r)
-            duration = ctx.system.job_time(r.client_id, int(r.metrics["steps"]), down, up, job=round)
-            ctx.busy[r.client_id] += min(duration, limit)
+            duration = net.round_trip(r.client_id, r.steps, down, up, job=round, limit=limit)
             longest = max(longest, min(duration, limit))
-            if duration <= limit:
-                ctx.ledger.transfer(r.client_id, SERVER, up)
-                if ctx.failures.delivered():
-                    kept.append(r)
+            if duration <= limit and net.post(r.client_id, [SERVER], up, purpose="upload", ids=(round,)):
+                kept.append(r)
         if len(kept) < len(sampled) and self.deadline is not None:
             longest = self.deadline  # the server waited for someone who never came
         ctx.clock.advance_to(now + longest)
@@ -99,9 +95,10 @@ class ServerRounds:
         batch = make_batch(kept)
         if hasattr(self.aggregator, "stats_"):
             self.aggregator.stats_ = {}  # this round's figures only
-        self.params = self.aggregator(self.params, batch, round=round)
+        combined = combine(self.aggregator, self.params, batch, round=round, where="the server round")
+        self.params = ctx.server_step(self.params, {**self.params, **combined}, round=round)
         weights = batch.weights().numpy()
-        metrics["train_loss"] = float(sum(w * m["train_loss"] for w, m in zip(weights, batch.metrics)))
+        metrics["train_loss"] = float(sum(w * r.train_loss for w, r in zip(weights, kept)))
         # a rule may report per-round figures (LoRA-FAIR's cosines, Ferret's reconstruction error)
         metrics.update(getattr(self.aggregator, "stats_", None) or {})
         return metrics

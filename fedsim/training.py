@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import checkpointable
 from .params import Params, from_numpy
@@ -42,32 +42,95 @@ class TrainJob:
 
     `row` selects the client's own model from a stacked parameter set (decentralized methods, where
     every node has its own); None means the shared global model. `steps` overrides the trainer's
-    own step count (semi-asynchronous schedulers assign it per client).
+    own step count (semi-asynchronous schedulers assign it per client). `inputs` is this client's
+    payload besides the model (a method's per-client message); `state` is what the engine keeps
+    for the client between its jobs (filled in from the client-state store, never by a flow).
     """
 
     client_id: int
     round: int
     row: int | None = None
     steps: int | None = None
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TrainOutput:
+    """What a trainer returns: the parameters it shares (or deltas, or nothing), how many local
+    steps it took and its mean training loss, and optionally other metrics, `extras` for the
+    merge rule (stacked into `UpdateBatch.extras`) and the client's new `state` (kept by the
+    engine for the client's next job, never sent)."""
+
+    params: Params
+    steps: int
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    state: Params = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, value: "TrainOutput | tuple[Params, dict[str, float]]") -> "TrainOutput":
+        """Accept the older `(params, metrics)` form, with `steps` and `train_loss` in metrics."""
+        if isinstance(value, TrainOutput):
+            return value
+        params, metrics = value
+        metrics = dict(metrics)
+        steps, loss = metrics.pop("steps", 0.0), metrics.pop("train_loss", float("nan"))
+        return cls(params, int(steps), float(loss), metrics)
 
 
 @checkpointable
 @dataclass
 class ClientResult:
-    """What a client sends back. `extras` carries payloads that are not parameters (projected
-    coordinates, for example); `params` may then hold only what the method shares, or nothing."""
+    """What reaches the server of a client's job. `extras` carries payloads that are not
+    parameters (projected coordinates, for example); `params` may then hold only what the method
+    shares, or nothing. `metrics` holds the trainer's other figures and the engine's flags
+    (`failed`, `nonfinite`)."""
 
     client_id: int
     params: Params
     num_examples: int
     metrics: dict[str, float]
     extras: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    train_loss: float = float("nan")
+    state: Params = field(default_factory=dict)
 
 
 class Trainer(Protocol):
     def train(
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
-    ) -> tuple[Params, dict[str, float]]: ...
+    ) -> TrainOutput | tuple[Params, dict[str, float]]: ...
+
+
+class LocalObjective(Protocol):
+    """A change to the local loss, stated as a function so that vectorised training can evaluate
+    it for every client of a chunk at once (FedProx's proximal term, SCAFFOLD's correction,
+    FedDyn's regulariser).
+
+    `loss(w, start, inputs)` is added to each minibatch's loss: `w` the client's trainable
+    tensors, `start` the model its job started from, `inputs` the job's inputs (the round's
+    payload and the client's own) and the client's state, merged (keys must not collide). It must be pure torch
+    (no in-place ops, no data-dependent Python branching): it runs under `torch.func.vmap`.
+    `initial_state(start)` gives a client's state before its first job (so that every client of
+    a chunk has the same keys). `after(start, end, inputs, steps, lr)` returns the client's new
+    state and its extras once it has trained; return `({}, {})` when there is nothing to keep.
+    """
+
+    def loss(self, w: Params, start: Params, inputs: Params) -> Tensor: ...
+
+    def initial_state(self, start: Params) -> Params: ...
+
+    def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]: ...
+
+
+def objective_inputs(objective: LocalObjective | None, start: Params, job: TrainJob) -> Params:
+    """The `inputs` an objective sees for `job`: the job's inputs (the round's payload included)
+    and the client's state, or its initial state before its first job."""
+    if objective is None:
+        return {}
+    return {**job.inputs, **(job.state or objective.initial_state(start))}
 
 
 @dataclass(frozen=True)
@@ -82,12 +145,13 @@ class SGDTrainer:
     local_epochs: float = 1.0
     local_steps: int | None = None
     sam_rho: float = 0.0  # > 0: sharpness-aware steps (Foret et al., 2021) with this radius
+    objective: LocalObjective | None = None  # a term added to the local loss (FedProx, SCAFFOLD, ...)
 
     @classmethod
-    def from_config(cls, cfg: LocalSGDConfig) -> "SGDTrainer":
+    def from_config(cls, cfg: LocalSGDConfig, **changes: Any) -> "SGDTrainer":
         return cls(
             lr=cfg.lr, lr_decay=cfg.lr_decay, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
+            batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, **changes,
         )
 
     def num_steps(self, num_examples: int, job: TrainJob | None = None) -> int:
@@ -104,26 +168,42 @@ class SGDTrainer:
         batches = np.ceil(np.asarray(sizes) / self.batch_size)
         return np.maximum(1, np.ceil(self.local_epochs * batches)).astype(np.int64)
 
+    def lr_at(self, round: int) -> float:
+        return self.lr * self.lr_decay ** (round - 1)
+
     def train(
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
-    ) -> tuple[Params, dict[str, float]]:
+    ) -> TrainOutput:
         load_params(model, params)
         model.train()
-        lr = self.lr * self.lr_decay ** (job.round - 1)
+        lr = self.lr_at(job.round)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         steps = self.num_steps(len(y), job)
         total = 0.0
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        trainable = list(named.values())
+        inputs = objective_inputs(self.objective, params, job)
+
+        def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
+            loss = F.cross_entropy(model(xb), yb)
+            if self.objective is not None:
+                loss = loss + self.objective.loss(named, params, inputs)
+            return loss
+
         for idx in minibatches(len(y), self.batch_size, steps, rng):
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = loss_fn(xb, yb)
             loss.backward()
             if self.sam_rho > 0:
-                sam_gradient(trainable, lambda: F.cross_entropy(model(xb), yb), self.sam_rho)
+                sam_gradient(trainable, lambda: loss_fn(xb, yb), self.sam_rho)
             opt.step()
             total += float(loss.detach())
-        return get_params(model), {"train_loss": total / steps, "steps": float(steps)}
+        end = get_params(model)
+        state, extras = ({}, {})
+        if self.objective is not None:
+            state, extras = self.objective.after(params, end, inputs, steps, lr)
+        return TrainOutput(end, steps, total / steps, extras=extras, state=state)
 
 
 def sam_gradient(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], rho: float) -> None:

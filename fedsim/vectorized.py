@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .params import Params
-from .training import SGDTrainer, TrainJob, minibatches
+from .training import SGDTrainer, TrainJob, TrainOutput, minibatches, objective_inputs
 
 
 def plan(model: nn.Module, trainer: object) -> tuple[SGDTrainer, list[str] | None] | None:
@@ -31,7 +31,7 @@ def plan(model: nn.Module, trainer: object) -> tuple[SGDTrainer, list[str] | Non
     per-client buffer updates inside vmap."""
     if list(model.buffers()):
         return None
-    if type(trainer) is SGDTrainer:
+    if type(trainer) is SGDTrainer:  # its local objective, if any, is vectorised with it
         return trainer, None
     hook = getattr(trainer, "vectorized", None)
     return hook(model) if hook is not None else None
@@ -49,11 +49,13 @@ def train_chunk(
     jobs: Sequence[TrainJob],
     rngs: Sequence[np.random.Generator],
     device: torch.device | str = "cpu",
-) -> list[tuple[Params, dict[str, float]]]:
+) -> list[TrainOutput]:
     """Train a chunk of clients together; on `device` (a GPU when there is one), results on the CPU.
 
     Minibatches are gathered on the host from each client's own index stream and moved once per
-    step; the stacked parameters, momentum and every step's arithmetic stay on the device.
+    step; the stacked parameters, momentum and every step's arithmetic stay on the device. A
+    trainer's local objective is evaluated inside the same vmap, each client with its own start
+    model and inputs.
     """
     k = len(jobs)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -62,13 +64,22 @@ def train_chunk(
     weights = {n: t for n, t in stacked.items() if n in trainable}
     steps = [trainer.num_steps(len(y), job) for (x, y), job in zip(data, jobs)]
     batches = [list(minibatches(len(y), trainer.batch_size, s, rng)) for (x, y), s, rng in zip(data, steps, rngs)]
-    lr = torch.tensor([trainer.lr * trainer.lr_decay ** (job.round - 1) for job in jobs], device=device)
+    lrs = [trainer.lr_at(job.round) for job in jobs]
+    lr = torch.tensor(lrs, device=device)
     bs = trainer.batch_size
+    objective = trainer.objective
+    inputs = [objective_inputs(objective, p, job) for p, job in zip(params, jobs)]
+    start = {n: t.clone() for n, t in stacked.items()} if objective is not None else {}
+    extra = {n: torch.stack([i[n] for i in inputs]).to(device) for n in inputs[0]} if objective is not None else {}
 
-    def loss_fn(w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_fn(
+        w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, w0: Params, given: Params,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = functional_call(model, {**w, **fixed}, (xb,))
         per_example = F.cross_entropy(out, yb, reduction="none") * mask
         loss = per_example.sum() / mask.sum()
+        if objective is not None:
+            loss = loss + objective.loss(w, w0, given)
         return loss, loss
 
     grad_fn = vmap(grad(loss_fn, has_aux=True))
@@ -93,9 +104,9 @@ def train_chunk(
         yb = torch.from_numpy(y_all[rows])
         mask = torch.from_numpy(valid[:, s])
         xb, yb, mask = xb.to(device), yb.to(device), mask.to(device)
-        grads, losses = grad_fn(weights, frozen, xb, yb, mask)
+        grads, losses = grad_fn(weights, frozen, xb, yb, mask, start, extra)
         if trainer.sam_rho > 0:
-            grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho)
+            grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho, start, extra)
         totals += torch.where(active, losses.double(), 0.0).cpu()
         keep = active.to(torch.float32)
         for n, w in weights.items():
@@ -112,10 +123,13 @@ def train_chunk(
     finite = torch.stack([torch.isfinite(t.reshape(k, -1)).all(1) for t in final.values()]).all(0)
     out = []
     for c in range(k):
-        metrics = {"train_loss": float(totals[c] / steps[c]), "steps": float(steps[c])}
+        end = {n: t[c] for n, t in final.items()}  # views into one block per tensor
+        result = TrainOutput(end, steps[c], float(totals[c] / steps[c]))
         if not finite[c]:
-            metrics["nonfinite"] = 1.0
-        out.append(({n: t[c] for n, t in final.items()}, metrics))  # views into one block per tensor
+            result.metrics["nonfinite"] = 1.0
+        if objective is not None:
+            result.state, result.extras = objective.after(params[c], end, inputs[c], steps[c], lrs[c])
+        out.append(result)
     return out
 
 
@@ -124,11 +138,11 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _sam(grad_fn, weights: Params, frozen: Params, grads: Params, xb, yb, mask, rho: float) -> Params:
+def _sam(grad_fn, weights: Params, frozen: Params, grads: Params, xb, yb, mask, rho: float, w0: Params, given: Params) -> Params:
     """SAM per client: ascend to w + rho g / ||g|| (norm over all of that client's trainable
     tensors), take the gradient there on the same minibatch."""
     norm = torch.sqrt(sum((g.reshape(g.shape[0], -1) ** 2).sum(1) for g in grads.values()))
     scale = rho / (norm + 1e-12)
     perturbed = {n: w + _expand(scale, w) * grads[n] for n, w in weights.items()}
-    second, _ = grad_fn(perturbed, frozen, xb, yb, mask)
+    second, _ = grad_fn(perturbed, frozen, xb, yb, mask, w0, given)
     return second

@@ -119,7 +119,7 @@ def test_fedbuff_with_k_equal_to_clients_and_no_staleness_is_fedavg(tmp_path):
     ctx_b, buff = _flow(fedbuff, tmp_path)
     buff.start()
     while buff.version == 0:
-        event = buff.queue.pop()
+        event = buff.loop.queue.pop()
         arrival = buff._pending.pop(event.payload)
         arrival.result = buff.jobs.result(event.payload)
         buff.on_arrival(arrival, event.time)

@@ -96,8 +96,9 @@ def test_variance_correction_keeps_the_mean_and_reaches_the_target_variance():
     g = torch.Generator().manual_seed(0)
     received = {"w": torch.randn(5, 50, 40, generator=g) * 0.3, "bias": torch.randn(5, 40, generator=g)}
     own = {"w": torch.randn(50, 40, generator=g) * 0.3, "bias": torch.randn(40, generator=g)}
-    plain = conservative_average(own, received, c=0.5)
-    corrected = variance_corrected_average(own, received, c=0.5, eps=0.0)
+    mean = {k: v.mean(0) for k, v in received.items()}
+    plain = conservative_average(own, mean, c=0.5)
+    corrected = variance_corrected_average(own, mean, received, c=0.5, eps=0.0)
     for name in own:
         target = received[name].reshape(5, -1).var(dim=1).mean()
         assert torch.allclose(corrected[name].mean(), plain[name].mean(), atol=1e-5)
@@ -108,7 +109,7 @@ def test_variance_correction_keeps_the_mean_and_reaches_the_target_variance():
 def test_variance_correction_changes_nothing_when_all_inputs_are_identical():
     own = {"w": torch.randn(7, 3), "bn.running_mean": torch.randn(3), "scale": torch.tensor([2.0])}
     received = {k: v.unsqueeze(0).repeat(4, *([1] * v.dim())) for k, v in own.items()}
-    out = variance_corrected_average(own, received, c=0.5)
+    out = variance_corrected_average(own, {k: v.mean(0) for k, v in received.items()}, received, c=0.5)
     for name in own:
         assert torch.allclose(out[name], own[name], atol=1e-6)
 

@@ -41,7 +41,7 @@ def test_failure_settings_are_validated(write_scenario, capsys):
 
 
 def test_server_round_with_dead_clients_goes_on_and_records_failures(write_scenario, tmp_path):
-    text = SMALL + "\n[system.failures]\ncrash_fraction = 0.5\ncrash_round = 2\nmessage_loss = 0.1\n"
+    text = SMALL + "\n[system.failures]\ncrash_fraction = 0.5\ncrash_round = 2\nmessage_loss = 0.05\n"
     path = write_scenario(text.replace("rounds = 4", "rounds = 6"))
     assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
     df = pd.read_csv(tmp_path / "small" / "metrics.csv")

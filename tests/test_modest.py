@@ -89,7 +89,7 @@ def test_aggregator_with_too_few_models_waits_for_the_timeout_then_drops_the_rou
     flow.on_update(aggregator, round, ClientResult(1, result.params, 50, {}), flow.genesis, 1, t0)
     collection = flow.collections[(aggregator, round)]
     assert isinstance(collection, Collection) and not collection.done  # 2 < 6 models: it waits
-    events = [e for e in flow.queue._heap if e.kind == "aggregation_timeout" and e.payload == (aggregator, round)]
+    events = [e for e in flow.loop.queue._heap if e.kind == "aggregation_timeout" and e.payload == (aggregator, round)]
     assert len(events) == 1 and events[0].time == pytest.approx(t0 + 50.0)
     dropped = flow.dropped_rounds
     flow.on_aggregation_timeout(aggregator, round, t0 + 50.0)
@@ -153,7 +153,7 @@ def test_a_round_whose_trainers_all_crashed_is_started_again(tmp_path, monkeypat
     monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: node not in dead)
     flow.on_round_check(starter, round, flow.initial, tuple(trainers), ctx.clock.now)
     assert flow.restarts == 1
-    resent = [e.payload[0] for e in flow.queue._heap if e.kind == "model" and e.payload[1] == round]
+    resent = [e.payload[0] for e in flow.loop.queue._heap if e.kind == "model" and e.payload[1] == round]
     assert resent and not dead & set(resent)  # the round goes to trainers that answer
     monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: True)
     flow.on_round_check(starter, round, flow.initial, tuple(trainers), ctx.clock.now)

@@ -175,10 +175,10 @@ def test_divergence_stops_with_exit_3_or_drops_bad_updates(write_scenario, tmp_p
     original = SGDTrainer.train
 
     def poisoned(self, model, params, x, y, job, rng):
-        new, metrics = original(self, model, params, x, y, job, rng)
+        out = original(self, model, params, x, y, job, rng)
         if job.round == 2 and job.client_id == 5:
-            new = {k: v * float("nan") for k, v in new.items()}
-        return new, metrics
+            out.params = {k: v * float("nan") for k, v in out.params.items()}
+        return out
 
     monkeypatch.setattr(SGDTrainer, "train", poisoned)
     monkeypatch.setattr("fedsim.vectorized.plan", lambda model, trainer: None)

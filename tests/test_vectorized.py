@@ -40,8 +40,8 @@ def test_vectorised_round_matches_sequential(name):
     shared = to_numpy(get_params(build_model("mlp", {"hidden": [24]}, data.feature_shape, data.num_classes, 0)))
     jobs = [TrainJob(c, round=3) for c in range(9)]
     for a, b in zip(seq.run(shared, jobs), vec.run(shared, jobs)):
-        assert a.metrics["steps"] == b.metrics["steps"]
-        assert abs(a.metrics["train_loss"] - b.metrics["train_loss"]) <= 1e-5 * abs(a.metrics["train_loss"])
+        assert a.steps == b.steps
+        assert abs(a.train_loss - b.train_loss) <= 1e-5 * abs(a.train_loss)
         for k in a.params:
             rel = (a.params[k] - b.params[k]).norm() / a.params[k].norm()
             assert rel < 1e-5, (name, k, float(rel))
@@ -112,7 +112,8 @@ def test_vectorised_chunk_on_an_explicit_device_matches():
     chunks = [[data.client(c) for c in range(3)], [data.client(c) for c in range(3)]]
     a = vectorized.train_chunk(model, TRAINERS["sgd"], params, chunks[0], jobs, rngs())
     b = vectorized.train_chunk(model, TRAINERS["sgd"], params, chunks[1], jobs, rngs(), device=torch.device("cpu"))
-    for (pa, _), (pb, _) in zip(a, b):
+    for oa, ob in zip(a, b):
+        pa, pb = oa.params, ob.params
         assert all(torch.equal(pa[k], pb[k]) and pb[k].device.type == "cpu" for k in pa)
 
 
