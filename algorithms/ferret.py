@@ -415,6 +415,7 @@ class FerretRule:
 
 
 class FerretConfig(LocalSGDConfig):
+    accepts_aggregator = False  # clients send projected coordinates: only Ferret's own rule decodes them
     clients_per_round: int = Field(10, ge=1)
     K: int = Field(200, ge=1)  # seeds (coordinates) per block
     directions: Directions = "iid"
@@ -449,15 +450,10 @@ def ferret(cfg: FerretConfig, ctx: RunContext) -> ServerRounds:
         SGDTrainer.from_config(cfg), k=cfg.K, seed_root=ctx.seed, directions=cfg.directions, budget=cfg.budget,
         resample_seeds=cfg.resample_seeds, block_ratio=cfg.block_ratio, track_error=cfg.track_error,
     )
-    rule = ctx.aggregator or FerretRule(
+    rule = FerretRule(
         server_lr=cfg.server_lr, server_lr_min=cfg.server_lr_min, anneal=cfg.anneal, momentum=cfg.server_momentum,
         clip=cfg.clip, equal_weights=cfg.equal_weights, directions=cfg.directions,
     )
-    if not isinstance(rule, FerretRule):
-        raise ScenarioError(
-            "ferret's clients send coordinates, not models: its server rule must be 'ferret'",
-            key="aggregator.name",
-        )
     rule.bind(plan, trainer.seeds, ctx.spec.scenario.rounds)
     trainable = {n for b in plan for n in b.names}
     coordinates_down = 4 * len(plan) * cfg.K

@@ -278,7 +278,12 @@ class LoRAConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
 
 
+class FlexLoRAConfig(LoRAConfig):
+    accepts_aggregator = False  # the SVD of the averaged product is the method
+
+
 class LoRAFairConfig(LoRAConfig):
+    accepts_aggregator = False  # the residual correction is the method
     lam: float = Field(0.01, ge=0)  # weight of ||dB||_F
     server_steps: int = Field(50, ge=0)  # proximal gradient steps per layer and round
     server_lr: float = Field(0.5, gt=0)  # step, in units of the adapter's own scale
@@ -325,7 +330,7 @@ def ffa_lora(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
 
 
 @register_algorithm("flexlora")
-def flexlora(cfg: LoRAConfig, ctx: RunContext) -> ServerRounds:
+def flexlora(cfg: FlexLoRAConfig, ctx: RunContext) -> ServerRounds:
     return lora_rounds(cfg, ctx, FlexLoRA(), replaceable=False)
 
 

@@ -150,10 +150,14 @@ class AlgorithmConfig(Section):
     """Base of every algorithm's `[algorithm]` schema; subclasses add the method's settings.
 
     `needs_topology` tells validation whether the method runs on a graph (a `[topology]` table is
-    then required) or with a central server (the table is then an error).
+    then required) or with a central server (the table is then an error); `accepts_aggregator`
+    whether a scenario's `[aggregator]` rule can replace the method's merge.
     """
 
     needs_topology: ClassVar[bool] = False
+    # False where the method's merge step is the method itself (Ferret, FlexLoRA, LoRA-FAIR):
+    # a scenario's [aggregator] is then refused by `validate` and `run` alike
+    accepts_aggregator: ClassVar[bool] = True
     name: str
 
 
@@ -365,6 +369,9 @@ def _check_plugins(scenario: Scenario) -> None:
     if scenario.aggregator is not None:
         factory = _known(registry.aggregators, scenario.aggregator.name, "aggregator.name")
         check_kwargs(factory, scenario.aggregator.options(), "aggregator")
+        from .aggregation import build_aggregator
+
+        build_aggregator(scenario.aggregator.name, scenario.aggregator.options())  # its own checks too
     if scenario.topology is not None:
         from .topologies import MIXING_RULES
 
@@ -381,6 +388,9 @@ def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: Algorith
         raise ScenarioError(
             f"expected at most data.num_clients = {n}, got {per_round}", key="algorithm.clients_per_round"
         )
+    if scenario.aggregator is not None and not type(config).accepts_aggregator:
+        raise ScenarioError(f"algorithm '{config.name}' has no merge step that a rule can replace: remove the "
+                            "[aggregator] table", key="aggregator")
     if spec.needs_topology and scenario.topology is None:
         raise ScenarioError(f"algorithm '{config.name}' runs on a graph: add a [topology] table", key="topology")
     if not spec.needs_topology and scenario.topology is not None:

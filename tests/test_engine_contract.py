@@ -293,3 +293,14 @@ def test_a_stateful_method_gives_identical_curves_on_every_executor(options, tmp
     extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
     other = run_rows(tmp_path, text.replace('executor = "inline"', extra), "other")
     pd.testing.assert_frame_equal(inline.drop(columns="wall_time"), other.drop(columns="wall_time"))
+
+
+def test_validate_refuses_a_rule_the_method_cannot_use_and_a_rule_that_rejects_its_settings(tmp_path, capsys):
+    path = tmp_path / "f.toml"
+    path.write_text(SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "ferret"') + '\n[aggregator]\nname = "fedavg"\n')
+    assert main(["validate", str(path)]) == 2
+    assert "algorithm 'ferret' has no merge step" in capsys.readouterr().err
+    path.write_text(SMALL + '\n[aggregator]\nname = "examples.robust_rules:TrimmedMean"\ntrim = 0.7\n')
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TrimmedMean rejected its settings: trim must lie in [0, 0.5)" in err[0], err
