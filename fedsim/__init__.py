@@ -67,3 +67,12 @@ __all__ += [
     "NodeEvaluator", "RunContext", "initial_nodes", "layer_variance", "require_connected", "staleness_weight",
     "LORA_A", "LORA_B", "adapter_pairs", "bytes_of", "is_adapter", "trainable_names",
 ]
+
+from .params import inner_product, squared_distance  # noqa: E402
+from .personal import split_by_prefix, summarize_client_accuracy  # noqa: E402
+from .server_optim import FedAdagrad, FedAdam, FedYogi, ServerOptConfig, ServerSGD, build_server_optimizer  # noqa: E402
+
+__all__ += [
+    "FedAdagrad", "FedAdam", "FedYogi", "ServerOptConfig", "ServerSGD", "build_server_optimizer",
+    "inner_product", "split_by_prefix", "squared_distance", "summarize_client_accuracy",
+]

@@ -110,3 +110,18 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> Params:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return {name: torch.from_numpy(a) for name, a in arrays.items()}
+
+
+def inner_product(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """sum over a's names of <a[name], b[name]>, a scalar tensor.
+
+    Local objectives (SCAFFOLD's correction, FedDyn's linear term) are inner products over a
+    client's trainable tensors; iterating over `a`'s names lets `b` carry more (buffers, frozen
+    weights). Out-of-place and without data-dependent branches, so it runs under `torch.func.vmap`.
+    """
+    return sum((a[n] * b[n]).sum() for n in a)
+
+
+def squared_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """||a - b||^2 over a's names, a scalar tensor (FedProx's and Ditto's proximal terms)."""
+    return sum(((a[n] - b[n]) ** 2).sum() for n in a)
