@@ -1,0 +1,102 @@
+"""FedNova (Wang, Liu, Liang, Joshi, Poor; "Tackling the Objective Inconsistency Problem in
+Heterogeneous Federated Optimization", NeurIPS 2020): normalised averaging.
+
+When clients run different numbers of local steps tau_i, FedAvg's average of their models
+weights client i's progress by tau_i, so the federation minimises a surrogate objective weighted
+by p_i tau_i instead of p_i (the paper's Theorem 1). FedNova divides each client's change by its
+step count before averaging and rescales by an effective step count (Section 4, eqs. 6-7):
+
+    a_i     = ||a_i||_1 = tau_i                                   (plain local SGD)
+            = [tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho)  (heavy-ball momentum rho, Section 4)
+    d_i     = (w_global - w_i) / a_i                              (the normalised update, eta folded in)
+    tau_eff = sum_i p_i a_i                                       (the paper's choice, Section 4)
+    w_new   = w_global - tau_eff * sum_i p_i d_i
+
+The official implementation (JYWa/FedNova, `FedNova` optimizer) accumulates the same a_i as a
+running `local_normalizing_vec`. Not registered yet: the algorithm's build function wires
+`FedNovaRule` into the server flow once the engine's flow API (issue 11) lands.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from fedsim import LocalSGDConfig, Params, UpdateBatch, weighted_sum
+
+
+class FedNovaConfig(LocalSGDConfig):
+    """FedNova needs no keys of its own: heterogeneity in steps comes from the system model or a
+    per-client `local_steps`; local momentum is LocalSGDConfig's `momentum` (FedNova's rho)."""
+
+    clients_per_round: int = Field(10, ge=1)
+
+
+def normalizing_factors(local_steps: Sequence[int] | Tensor, momentum: float = 0.0) -> Tensor:
+    """||a_i||_1 for each client (float64): tau_i for plain SGD, the momentum sum otherwise.
+
+    With momentum rho, step k of local SGD moves the model by eta (1 - rho^k) / (1 - rho) times
+    the gradient it saw, so a client's total weight on its gradients is the sum of those factors.
+    """
+    tau = torch.as_tensor(local_steps, dtype=torch.float64)
+    if bool((tau < 1).any()):
+        raise ValueError(f"FedNova: every client must report at least one local step, got {tau.tolist()}")
+    if momentum == 0.0:
+        return tau
+    if not 0.0 < momentum < 1.0:
+        raise ValueError(f"FedNova: momentum must be in [0, 1), got {momentum}")
+    rho = momentum
+    return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
+
+
+def fednova_combine(
+    global_params: Params,
+    stacked_models: Params,
+    local_steps: Sequence[int] | Tensor,
+    weights: Tensor,
+    momentum: float = 0.0,
+) -> Params:
+    """w_global - tau_eff * sum_i p_i (w_global - w_i) / a_i, for every floating tensor.
+
+    `weights` are the p_i and must sum to one (`UpdateBatch.weights()`). Written as
+    (1 - sum_i c_i) w_global + sum_i c_i w_i with c_i = p_i tau_eff / a_i, one weighted sum per
+    tensor. When every client ran as many steps as the others, tau_eff / a_i = sum_j p_j = 1 exactly
+    and FedNova *is* FedAvg: the c_i are then the p_i themselves and the w_global term is dropped,
+    so the result is FedAvg's weighted mean bit for bit rather than to rounding. Non-floating
+    tensors (counters) are taken from the first client, as `weighted_sum` does.
+    """
+    p = torch.as_tensor(weights, dtype=torch.float64)
+    a = normalizing_factors(local_steps, momentum)
+    if p.shape != a.shape or p.shape[0] != next(iter(stacked_models.values())).shape[0]:
+        raise ValueError(f"FedNova: expected one weight and one step count per client, got {tuple(p.shape)} weights and {tuple(a.shape)} step counts")
+    if abs(float(p.sum()) - 1.0) > 1e-9:
+        raise ValueError(f"FedNova: the client weights must sum to one, got {float(p.sum())}")
+    if bool((a == a[0]).all()):
+        return weighted_sum(stacked_models, p)
+    tau_eff = (p * a).sum()
+    c = p * tau_eff / a
+    keep = 1.0 - c.sum()  # the global model's own coefficient: <= 0, FedNova extrapolates
+    mixed = weighted_sum(stacked_models, c)
+    return {
+        name: (t + keep.to(t.dtype) * global_params[name]) if t.is_floating_point() else t
+        for name, t in mixed.items()
+    }
+
+
+class FedNovaRule:
+    """The server's merge for FedNova: reads each client's step count from its metrics ("steps",
+    which every trainer reports) and its weight from example counts. `momentum` must be the
+    clients' local momentum rho."""
+
+    def __init__(self, momentum: float = 0.0):
+        self.momentum = momentum
+
+    def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
+        try:
+            steps = [int(m["steps"]) for m in batch.metrics]
+        except KeyError:
+            raise ValueError("FedNova: every client result must report its local step count (metrics['steps'])") from None
+        return fednova_combine(global_params, batch.params, steps, batch.weights(), self.momentum)
