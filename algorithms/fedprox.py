@@ -1,0 +1,36 @@
+"""FedProx (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith; "Federated Optimization in Heterogeneous
+Networks", MLSys 2020): FedAvg whose clients minimise a proximal objective.
+
+Each client approximately solves (Algorithm 2, eq. 2)
+
+    min_w  h_k(w; w^t) = F_k(w) + mu/2 ||w - w^t||^2
+
+starting from the global model w^t, which bounds how far heterogeneous clients drift. The server
+merges like FedAvg, so any `[aggregator]` rule applies; mu = 0 is FedAvg exactly. The paper's
+"tolerate partial work" (stragglers send what they have) is the engine's deadline.
+
+The proximal term is stated as a pure local-objective term: a function of one client's trainable
+tensors and the round's global model, out-of-place and branch-free, so the vectorised trainer can
+evaluate it for a whole chunk with `torch.func.vmap`. Not registered yet: the build function adds
+`prox_term` to the trainer once the engine's local-objective API (issue 11) lands.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from fedsim import LocalSGDConfig, Params, squared_distance
+
+
+class FedProxConfig(LocalSGDConfig):
+    """mu: the proximal weight; the paper tunes it per data set, between 0.001 and 1 (Section 5)."""
+
+    clients_per_round: int = Field(10, ge=1)
+    mu: float = Field(0.01, ge=0)
+
+
+def prox_term(w: Params, w_global: Params, mu: float) -> Tensor:
+    """mu/2 ||w - w_global||^2 over the client's trainable tensors (eq. 2); its gradient is
+    mu (w - w_global), the pull towards the round's global model."""
+    return 0.5 * mu * squared_distance(w, w_global)

@@ -1,0 +1,54 @@
+"""SCAFFOLD (Karimireddy, Kale, Mohri, Reddi, Stich, Suresh; "SCAFFOLD: Stochastic Controlled
+Averaging for Federated Learning", ICML 2020), Algorithm 1 with option II.
+
+Client drift comes from each client following its own gradient; SCAFFOLD corrects every local step
+by the difference between the server's control variate c (an estimate of the global gradient) and
+the client's own c_i (an estimate of its local gradient):
+
+    y_i <- y_i - eta_l (g_i(y_i) - c_i + c)                                  (Algorithm 1, line 10)
+    c_i+ = c_i - c + (x - y_i) / (K eta_l)                                   (line 12, option II)
+    send (Delta y_i, Delta c_i) = (y_i - x, c_i+ - c_i); keep c_i <- c_i+    (lines 13-14)
+    server: x <- x + eta_g mean_i Delta y_i; c <- c + (|S| / N) mean_i Delta c_i   (lines 16-17)
+
+The correction is stated as a local-objective term: adding <w, c - c_i> to the loss adds exactly
+c - c_i to every gradient, so the vectorised trainer applies it to a whole chunk through autograd
+(momentum and weight decay then act on the corrected gradient, as they do in FL-bench). The server's
+model step is `fedsim.ServerSGD(lr=eta_g)` after any rule; the control-variate step is
+`server_control_update`. K is the number of local steps the client actually ran and eta_l its
+learning rate that round. c and every c_i start at zero (Algorithm 1's input). Not registered yet:
+the build function wires these into the engine's client state and payloads once issue 11 lands.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from fedsim import LocalSGDConfig, Params, inner_product
+
+
+class ScaffoldConfig(LocalSGDConfig):
+    """global_lr: eta_g; 1 in the paper's experiments (Section 7)."""
+
+    clients_per_round: int = Field(10, ge=1)
+    global_lr: float = Field(1.0, gt=0)
+
+
+def correction_term(w: Params, c: Params, c_i: Params) -> Tensor:
+    """<w, c - c_i> summed over the client's trainable tensors: its gradient is c - c_i, the
+    drift correction of Algorithm 1, line 10. Its value is meaningless; only its gradient acts."""
+    return inner_product(w, {n: c[n] - c_i[n] for n in w})
+
+
+def client_control_update(c_i: Params, c: Params, x: Params, y: Params, steps: int, lr: float) -> Params:
+    """Option II: c_i+ = c_i - c + (x - y_i) / (K eta_l), reusing the local run instead of an
+    extra full-gradient pass (option I). With the correction above, c_i+ is the mean of the raw
+    local gradients the client saw during its K steps."""
+    scale = 1.0 / (steps * lr)
+    return {n: c_i[n] - c[n] + (x[n] - y[n]) * scale for n in c_i}
+
+
+def server_control_update(c: Params, stacked_deltas: Params, num_clients: int) -> Params:
+    """c + (|S| / N) mean_{i in S} Delta c_i = c + (1 / N) sum_{i in S} Delta c_i (line 17): clients
+    not sampled keep their c_i, so the server's average over all N moves by the sampled changes."""
+    return {n: c[n] + d.sum(0) / num_clients for n, d in stacked_deltas.items()}
