@@ -16,16 +16,26 @@ g_k, and moves the model past the average of the returned models by h's correcti
 The average of the returned models is the merge step, so any `[aggregator]` rule can replace it
 (`server_model(combined, h, alpha)`). Algorithm 1 is followed as written; the official code
 (alpemreacar/FedDyn, `train_FedDyn`) stores -g_k / alpha instead of g_k (the same model) and
-divides alpha by each client's data share relative to the mean (a change for unbalanced clients). Not registered yet: the build function keeps g_k in the engine's client state and
-h in the flow once issue 11 lands.
+divides alpha by each client's data share relative to the mean (a change for unbalanced clients).
+
+`FedDynObjective` is the client side for the engine: g_k lives in the client's state under
+"grad:<name>" and the job's start model is theta^{t-1}. Not registered yet: the build function (a
+ServerRounds keeping h and applying `server_state_update` and `server_model` after its rule)
+remains.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from pydantic import Field
 from torch import Tensor
 
 from fedsim import LocalSGDConfig, Params, inner_product, squared_distance
+
+GRAD = "grad:"
 
 
 class FedDynConfig(LocalSGDConfig):
@@ -57,3 +67,22 @@ def server_model(combined: Params, h: Params, alpha: float) -> Params:
     """theta^t = combined - h^t / alpha, combined being the merge of the returned models (their mean
     in Algorithm 1). Tensors h does not cover (non-floating counters) pass through."""
     return {n: (t - h[n] / alpha) if n in h else t for n, t in combined.items()}
+
+
+@dataclass(frozen=True)
+class FedDynObjective:
+    """`fedsim.LocalObjective` for FedDyn: the dynamic regulariser against the job's start model,
+    with g_k (zero before a client's first job) in the client's state."""
+
+    alpha: float
+
+    def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
+        return dyn_term(w, start, {n: inputs[GRAD + n] for n in w}, self.alpha)
+
+    def initial_state(self, start: Params) -> Params:
+        return {GRAD + n: torch.zeros_like(t) for n, t in start.items() if t.is_floating_point()}
+
+    def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]:
+        names = [k[len(GRAD):] for k in inputs if k.startswith(GRAD)]
+        new = client_state_update({n: inputs[GRAD + n] for n in names}, end, start, self.alpha)
+        return {GRAD + n: new[n] for n in names}, {}

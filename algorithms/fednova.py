@@ -13,13 +13,17 @@ step count before averaging and rescales by an effective step count (Section 4, 
     w_new   = w_global - tau_eff * sum_i p_i d_i
 
 The official implementation (JYWa/FedNova, `FedNova` optimizer) accumulates the same a_i as a
-running `local_normalizing_vec`. Not registered yet: the algorithm's build function wires
-`FedNovaRule` into the server flow once the engine's flow API (issue 11) lands.
+running `local_normalizing_vec`. The merge needs each client's step count, which `UpdateBatch`
+does not carry: `ReportSteps` (a local objective that adds nothing to the loss) puts it in the
+client's extras, where `FedNovaRule` reads it. Not registered yet: the build function is a
+ServerRounds with `SGDTrainer(objective=ReportSteps())` and `FedNovaRule(momentum)` as its
+default rule, clients' steps drawn from the system model or a per-client `local_steps`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
@@ -86,17 +90,32 @@ def fednova_combine(
     }
 
 
+@dataclass(frozen=True)
+class ReportSteps:
+    """`fedsim.LocalObjective` that changes nothing in training and reports the client's local
+    step count in its extras ("steps"), for FedNova's merge."""
+
+    def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
+        return torch.zeros(())
+
+    def initial_state(self, start: Params) -> Params:
+        return {}
+
+    def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]:
+        return {}, {"steps": torch.tensor(steps, dtype=torch.int64)}
+
+
 class FedNovaRule:
-    """The server's merge for FedNova: reads each client's step count from its metrics ("steps",
-    which every trainer reports) and its weight from example counts. `momentum` must be the
-    clients' local momentum rho."""
+    """The server's merge for FedNova: each client's step count from the batch's extras ("steps",
+    see `ReportSteps`), its weight p_i from the batch's weights (example counts by default).
+    `momentum` must be the clients' local momentum rho."""
 
     def __init__(self, momentum: float = 0.0):
         self.momentum = momentum
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        try:
-            steps = [int(m["steps"]) for m in batch.metrics]
-        except KeyError:
-            raise ValueError("FedNova: every client result must report its local step count (metrics['steps'])") from None
+        steps = batch.extras.get("steps")
+        if not isinstance(steps, Tensor) or steps.shape != (len(batch),):
+            raise ValueError("FedNova: every client result must report its local step count in extras['steps'] "
+                             "(train with the ReportSteps objective)")
         return fednova_combine(global_params, batch.params, steps, batch.weights(), self.momentum)

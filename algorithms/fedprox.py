@@ -11,11 +11,15 @@ merges like FedAvg, so any `[aggregator]` rule applies; mu = 0 is FedAvg exactly
 
 The proximal term is stated as a pure local-objective term: a function of one client's trainable
 tensors and the round's global model, out-of-place and branch-free, so the vectorised trainer can
-evaluate it for a whole chunk with `torch.func.vmap`. Not registered yet: the build function adds
-`prox_term` to the trainer once the engine's local-objective API (issue 11) lands.
+evaluate it for a whole chunk with `torch.func.vmap`; `ProxObjective` hands it to the engine
+(`SGDTrainer(objective=ProxObjective(mu))`). Not registered yet: the build function is that trainer
+in `ServerRounds`, with the method's row in the README.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import Field
 from torch import Tensor
@@ -34,3 +38,19 @@ def prox_term(w: Params, w_global: Params, mu: float) -> Tensor:
     """mu/2 ||w - w_global||^2 over the client's trainable tensors (eq. 2); its gradient is
     mu (w - w_global), the pull towards the round's global model."""
     return 0.5 * mu * squared_distance(w, w_global)
+
+
+@dataclass(frozen=True)
+class ProxObjective:
+    """`fedsim.LocalObjective` for FedProx: the job's start model is the round's global model."""
+
+    mu: float
+
+    def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
+        return prox_term(w, start, self.mu)
+
+    def initial_state(self, start: Params) -> Params:
+        return {}
+
+    def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]:
+        return {}, {}

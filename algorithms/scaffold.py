@@ -15,16 +15,27 @@ c - c_i to every gradient, so the vectorised trainer applies it to a whole chunk
 (momentum and weight decay then act on the corrected gradient, as they do in FL-bench). The server's
 model step is `fedsim.ServerSGD(lr=eta_g)` after any rule; the control-variate step is
 `server_control_update`. K is the number of local steps the client actually ran and eta_l its
-learning rate that round. c and every c_i start at zero (Algorithm 1's input). Not registered yet:
-the build function wires these into the engine's client state and payloads once issue 11 lands.
+learning rate that round. c and every c_i start at zero (Algorithm 1's input).
+
+`ScaffoldObjective` is the client side for the engine: c arrives in the round's payload under
+"c:<name>" (`server_payload(c)`), c_i lives in the client's state under "c_i:<name>", and each
+client returns Delta c_i in its extras under "delta_c:<name>" (`control_deltas(batch)` reads them
+back, stacked). Not registered yet: the build function (a ServerRounds whose round sends the payload
+and then applies `server_control_update`) and the bytes of both variates remain.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedsim import LocalSGDConfig, Params, inner_product
+from fedsim import LocalSGDConfig, Params, UpdateBatch, inner_product
+
+SERVER, CLIENT, DELTA = "c:", "c_i:", "delta_c:"
 
 
 class ScaffoldConfig(LocalSGDConfig):
@@ -52,3 +63,35 @@ def server_control_update(c: Params, stacked_deltas: Params, num_clients: int) -
     """c + (|S| / N) mean_{i in S} Delta c_i = c + (1 / N) sum_{i in S} Delta c_i (line 17): clients
     not sampled keep their c_i, so the server's average over all N moves by the sampled changes."""
     return {n: c[n] + d.sum(0) / num_clients for n, d in stacked_deltas.items()}
+
+
+def _take(inputs: Params, prefix: str, names: Any) -> Params:
+    return {n: inputs[prefix + n] for n in names}
+
+
+def server_payload(c: Params) -> Params:
+    """The round's payload carrying the server variate, keyed apart from the client's state."""
+    return {SERVER + n: t for n, t in c.items()}
+
+
+def control_deltas(batch: UpdateBatch) -> Params:
+    """The sampled clients' Delta c_i, stacked along dim 0, from the batch's extras."""
+    return {k[len(DELTA):]: v for k, v in batch.extras.items() if k.startswith(DELTA)}
+
+
+@dataclass(frozen=True)
+class ScaffoldObjective:
+    """`fedsim.LocalObjective` for SCAFFOLD (option II). Variates cover the floating tensors of the
+    model a client starts from; the correction acts on the trainable ones."""
+
+    def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
+        return correction_term(w, _take(inputs, SERVER, w), _take(inputs, CLIENT, w))
+
+    def initial_state(self, start: Params) -> Params:
+        return {CLIENT + n: torch.zeros_like(t) for n, t in start.items() if t.is_floating_point()}
+
+    def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]:
+        names = [k[len(CLIENT):] for k in inputs if k.startswith(CLIENT)]
+        old = _take(inputs, CLIENT, names)
+        new = client_control_update(old, _take(inputs, SERVER, names), start, end, steps, lr)
+        return {CLIENT + n: new[n] for n in names}, {DELTA + n: new[n] - old[n] for n in names}

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsim import ClientResult, make_batch
-from fedsim.algorithms.fedavg import WeightedMean
+from fedsim import ClientResult, WeightedMean, make_batch
 from fedsim.algorithms.fednova import FedNovaRule, fednova_combine, normalizing_factors
 
 
@@ -66,7 +65,7 @@ def test_equal_steps_give_fedavg_bit_for_bit(momentum):
     global_params = {"a.weight": torch.randn(5, 4, generator=gen), "a.bias": torch.randn(5, generator=gen),
                      "bn.num_batches_tracked": torch.tensor(3)}
     results = [
-        ClientResult(client_id=k, num_examples=n, metrics={"train_loss": 1.0, "steps": 7.0},
+        ClientResult(client_id=k, num_examples=n, metrics={}, extras={"steps": torch.tensor(7)}, steps=7,
                      params={"a.weight": torch.randn(5, 4, generator=gen), "a.bias": torch.randn(5, generator=gen),
                              "bn.num_batches_tracked": torch.tensor(9)})
         for k, n in enumerate([13, 7, 29, 1])
@@ -84,7 +83,7 @@ def test_equal_steps_give_fedavg_bit_for_bit(momentum):
     for name in fedavg:
         assert torch.equal(nova[name], fedavg[name]), name
     # and with unequal steps the same batch gives something else
-    results[0].metrics["steps"] = 2.0
+    results[0].extras["steps"] = torch.tensor(2)
     other = FedNovaRule(momentum=momentum)(global_params, make_batch(results), round=1)
     assert not torch.allclose(other["a.weight"], fedavg["a.weight"], atol=1e-4)
     assert int(other["bn.num_batches_tracked"]) == 9
@@ -99,6 +98,6 @@ def test_bad_inputs_are_one_clear_error():
         fednova_combine(g, models, [0, 2], torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="one weight and one step count per client"):
         fednova_combine(g, models, [1, 2, 3], torch.tensor([0.5, 0.5]))
-    batch = make_batch([ClientResult(client_id=0, params={"w": torch.zeros(1)}, num_examples=3, metrics={})])
-    with pytest.raises(ValueError, match=r"metrics\['steps'\]"):
+    batch = make_batch([ClientResult(client_id=0, params={"w": torch.zeros(1)}, num_examples=3, metrics={}, steps=2)])
+    with pytest.raises(ValueError, match=r"extras\['steps'\]"):
         FedNovaRule()({"w": torch.zeros(1)}, batch, round=1)

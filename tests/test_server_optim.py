@@ -155,3 +155,17 @@ def test_factory_and_config_name_what_was_expected():
     assert isinstance(adagrad, FedAdagrad) and adagrad.beta1 == 0.0
     avgm = ServerOptConfig(momentum=0.9).build()
     assert isinstance(avgm, ServerSGD) and (avgm.lr, avgm.momentum) == (1.0, 0.9)
+
+
+@pytest.mark.parametrize("opt", [ServerSGD(lr=0.5, momentum=0.9), FedAdam(lr=0.1), FedYogi(lr=0.1), FedAdagrad(lr=0.1)])
+def test_tensors_the_rule_did_not_produce_pass_through_without_state(opt):
+    """ServerRounds steps on {**global, **combined}: a frozen base weight outside the batch is the
+    global tensor itself, and keeps neither moments nor a step."""
+    x, c = random_params(0), random_params(1)
+    frozen = x["layer.weight"]
+    out = opt.step(x, {**c, "layer.weight": frozen}, round=1)
+    assert out["layer.weight"] is frozen
+    assert all("layer.weight" not in state and "layer.bias" in state for state in opt.state_dict().values())
+    # an equal but distinct tensor is a coordinate like any other
+    opt.step(x, {**c, "layer.weight": frozen.clone()}, round=2)
+    assert all("layer.weight" in state for state in opt.state_dict().values())
