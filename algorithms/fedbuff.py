@@ -3,7 +3,9 @@
 Clients train from whatever model they last received and send their update Delta = w_start - w_end.
 The server buffers updates and, once K have arrived, applies
 w <- w - eta * sum_j p_j s(tau_j) Delta_j, with p_j the clients' weights normalised over the
-buffer. Each client restarts as soon as it has sent. With K = number of clients, zero staleness and
+buffer. Each client restarts as soon as it has sent. eta is the server's step: `server_lr` here is
+shorthand for `[server_optimizer] name = "sgd", lr = eta`, and any other server optimiser (FedAdam
+on FedBuff's buffer) goes in that table. With K = number of clients, zero staleness and
 eta = 1 one buffer flush is exactly FedAvg's round. Defaults from the FedCompass repository's
 baseline config: K = 3, polynomial staleness a = 0.5; eta defaults to 1 (the paper's server step).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from fedsim import Arrival, AsyncConfig, AsyncServer, RunContext, SGDTrainer, register_algorithm
+from fedsim import Arrival, AsyncConfig, AsyncServer, RunContext, ScenarioError, ServerSGD, SGDTrainer, register_algorithm
 
 
 class FedBuffConfig(AsyncConfig):
@@ -28,17 +30,20 @@ class FedBuff(AsyncServer):
     def __init__(self, cfg: FedBuffConfig, ctx: RunContext):
         super().__init__(ctx, cfg, SGDTrainer.from_config(cfg))
         if cfg.buffer_size > ctx.data.num_clients:
-            from fedsim import ScenarioError
-
             raise ScenarioError(f"expected at most data.num_clients = {ctx.data.num_clients}", key="algorithm.buffer_size")
         self.buffer: list[Arrival] = []
+        if cfg.server_lr != 1.0:  # the server's step size is one knob, whichever table sets it
+            if ctx.server_optimizer is not None:
+                raise ScenarioError("set the server's step in one place: algorithm.server_lr or [server_optimizer]",
+                                    key="algorithm.server_lr")
+            self.server_optimizer = ServerSGD(lr=cfg.server_lr)
 
     def on_arrival(self, arrival: Arrival, now: float) -> None:
         self.buffer.append(arrival)
         if len(self.buffer) >= self.cfg.buffer_size:
             taus = [self.version - a.version for a in self.buffer]
             p = self.p[[a.client for a in self.buffer]]
-            coefficients = self.cfg.server_lr * (p / p.sum()) * self.weight(np.array(taus))
+            coefficients = (p / p.sum()) * self.weight(np.array(taus))
             self.merge([a.delta for a in self.buffer], coefficients, [a.client for a in self.buffer], taus)
             self.applied_staleness += taus
             self.buffer = []

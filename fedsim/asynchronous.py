@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from .aggregation import WeightedMean, combine
+from .aggregation import ServerOptimizer, WeightedMean, combine
 from .checkpoint import checkpointable
 from .events import EventLoop
 from .jobs import JobPool
@@ -86,6 +86,7 @@ class AsyncServer:
         self.cfg = cfg
         self.trainer = trainer
         self.rule = ctx.rule(WeightedMean())
+        self.server_optimizer: ServerOptimizer | None = None  # a method's own; else the scenario's
         self.jobs = JobPool(ctx.executor(trainer))
         self.loop = EventLoop(ctx, {"arrival": self._arrival, "deadline": self.on_timer})
         self.params: Params = clone(ctx.init_params)
@@ -136,7 +137,10 @@ class AsyncServer:
         )
         total = combine(self.rule, self.params, batch, round=self._round, where=f"{self.cfg.name}'s merge")
         target = {name: t - total[name] if t.is_floating_point() else t for name, t in self.params.items()}
-        self.params = self.ctx.server_step(self.params, target, round=self._round)
+        if self.server_optimizer is not None:
+            self.params = self.server_optimizer.step(self.params, target, round=self._round)
+        else:
+            self.params = self.ctx.server_step(self.params, target, round=self._round)
         self.version += 1
 
     def weight(self, tau: int) -> float:

@@ -86,6 +86,10 @@ class RunContext:
             agg = s.aggregator
             self._aggregator = _located(lambda: build_aggregator(agg.name, agg.options()), spec, "aggregator")
         self.server_optimizer: ServerOptimizer | None = None
+        if s.server_optimizer is not None:
+            from .scenario import server_optimizer_config
+
+            self.server_optimizer = server_optimizer_config(s, spec.source).build()
         self.graph: nx.Graph | None = None
         if s.topology is not None:
             from .topologies import build
@@ -175,13 +179,16 @@ class RunContext:
     def state(self) -> dict[str, Any]:
         """The simulation state the context owns, for checkpoints."""
         return {"now": self.clock.now, "net": self.net.state(), "dropped_updates": self.dropped_updates,
-                "client_states": self.client_states.states}
+                "client_states": self.client_states.states,
+                "server_optimizer": checkpoint.capture(self.server_optimizer) if self.server_optimizer else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.clock.now = state["now"]
         self.net.load_state(state["net"])
         self.dropped_updates = state["dropped_updates"]
         self.client_states.states = state["client_states"]
+        if self.server_optimizer is not None:
+            checkpoint.restore(self.server_optimizer, state["server_optimizer"])
 
     def close(self) -> None:
         for executor in self._executors:

@@ -74,12 +74,13 @@ def rule_mix(rule: Aggregator, W: torch.Tensor, X: Params, round: int) -> Params
     neighbourhood (its own included, the nodes with a non-zero mixing weight), the mixing weights
     as the batch's coefficients. One rule call per node: robust rules do not factor into a
     matrix product."""
-    csr = W.to_sparse_csr()
-    crow, col, val = csr.crow_indices(), csr.col_indices(), csr.values()
+    W = W.coalesce()  # entries sorted by row, then column
+    (row, col), val = W.indices(), W.values()
     n = W.shape[0]
+    bounds = np.searchsorted(row.numpy(), np.arange(n + 1))
     out = {k: v.clone() for k, v in X.items()}
     for i in range(n):
-        lo, hi = int(crow[i]), int(crow[i + 1])
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
         nbrs = col[lo:hi]
         batch = UpdateBatch(
             params={k: v[nbrs] for k, v in X.items()},

@@ -142,6 +142,7 @@ class Scenario(Section):
     topology: TopologyConfig | None = None
     algorithm: NamedSection = NamedSection(name="fedavg")
     aggregator: NamedSection | None = None
+    server_optimizer: NamedSection | None = None  # how the server steps after the rule (FedOpt)
     system: SystemConfig = SystemConfig()
     sweep: dict[str, list[Any]] | None = None
 
@@ -372,6 +373,8 @@ def _check_plugins(scenario: Scenario) -> None:
         from .aggregation import build_aggregator
 
         build_aggregator(scenario.aggregator.name, scenario.aggregator.options())  # its own checks too
+    if scenario.server_optimizer is not None:
+        server_optimizer_config(scenario, "")
     if scenario.topology is not None:
         from .topologies import MIXING_RULES
 
@@ -381,6 +384,14 @@ def _check_plugins(scenario: Scenario) -> None:
             raise ScenarioError(f"expected one of {', '.join(MIXING_RULES)}, got {scenario.topology.mixing!r}", key="topology.mixing")
 
 
+def server_optimizer_config(scenario: Scenario, source: str) -> Any:
+    """The validated `[server_optimizer]` table (name, lr, momentum, beta1, beta2, tau)."""
+    from .server_optim import ServerOptConfig
+
+    table = scenario.server_optimizer
+    return _model(ServerOptConfig, {"name": table.name, **table.options()}, source, "server_optimizer.")
+
+
 def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: AlgorithmConfig) -> None:
     n = scenario.data.num_clients
     per_round = getattr(config, "clients_per_round", None)
@@ -388,6 +399,9 @@ def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: Algorith
         raise ScenarioError(
             f"expected at most data.num_clients = {n}, got {per_round}", key="algorithm.clients_per_round"
         )
+    if scenario.server_optimizer is not None and (spec.needs_topology or not type(config).accepts_aggregator):
+        raise ScenarioError(f"algorithm '{config.name}' has no global model for a server optimiser to step: "
+                            "remove the [server_optimizer] table", key="server_optimizer")
     if scenario.aggregator is not None and not type(config).accepts_aggregator:
         raise ScenarioError(f"algorithm '{config.name}' has no merge step that a rule can replace: remove the "
                             "[aggregator] table", key="aggregator")

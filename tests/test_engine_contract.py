@@ -304,3 +304,44 @@ def test_validate_refuses_a_rule_the_method_cannot_use_and_a_rule_that_rejects_i
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TrimmedMean rejected its settings: trim must lie in [0, 0.5)" in err[0], err
+
+
+def test_a_server_optimiser_steps_after_any_rule_and_its_state_is_checkpointed(tmp_path):
+    """[server_optimizer] is one knob for every server: FedAdam after the default mean, after a
+    robust rule, and on FedBuff's buffer; sgd with lr = 1 is exactly the default."""
+    plain = run_rows(tmp_path, SMALL, "plain")
+    sgd = run_rows(tmp_path, SMALL + '\n[server_optimizer]\nname = "sgd"\nlr = 1.0\n', "sgd")
+    pd.testing.assert_frame_equal(plain.drop(columns="wall_time"), sgd.drop(columns="wall_time"))
+    adam = run_rows(tmp_path, SMALL + '\n[server_optimizer]\nname = "adam"\nlr = 0.05\n', "adam")
+    assert not np.allclose(plain["test_loss"], adam["test_loss"])
+    CALLS.clear()
+    run_rows(tmp_path, SMALL + '\n[aggregator]\nname = "test_spy"\n\n[server_optimizer]\nname = "yogi"\nlr = 0.05\n', "yogi")
+    assert CALLS
+    buff = METHODS["fedbuff"]
+    a = run_rows(tmp_path, buff.replace("local_steps = 4", "local_steps = 4\nserver_lr = 0.5"), "buff_lr")
+    b = run_rows(tmp_path, buff + '\n[server_optimizer]\nname = "sgd"\nlr = 0.5\n', "buff_opt")
+    pd.testing.assert_frame_equal(a.drop(columns="wall_time"), b.drop(columns="wall_time"))
+    spec = load_text(tmp_path, SMALL + '\n[server_optimizer]\nname = "adam"\nlr = 0.05\n')
+    ctx = RunContext(spec, RunOptions(executor="inline"))
+    flow = spec.algorithm.build(spec.algorithm_config, ctx)
+    flow.step(1)
+    state = ctx.state()
+    fresh = RunContext(spec, RunOptions(executor="inline"))
+    from fedsim import checkpoint
+
+    fresh.load_state(checkpoint.decode(checkpoint.encode(state)))
+    for name in ("m_", "v_"):
+        saved, loaded = getattr(ctx.server_optimizer, name), getattr(fresh.server_optimizer, name)
+        assert saved and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    ctx.close()
+    fresh.close()
+
+
+def test_a_server_optimiser_where_there_is_no_global_model_is_refused(tmp_path, capsys):
+    path = tmp_path / "g.toml"
+    path.write_text(METHODS["dpsgd"] + '\n[server_optimizer]\nname = "adam"\nlr = 0.1\n')
+    assert main(["validate", str(path)]) == 2
+    assert "no global model for a server optimiser" in capsys.readouterr().err
+    path.write_text(SMALL + '\n[server_optimizer]\nname = "sgd"\nbeta1 = 0.9\n')
+    assert main(["validate", str(path)]) == 2
+    assert "does not apply to server optimizer 'sgd'" in capsys.readouterr().err
