@@ -8,7 +8,7 @@ import numpy as np
 
 from .aggregation import Aggregator, combine, make_batch
 from .ledger import SERVER
-from .params import Params, clone, num_bytes
+from .params import Params, UpdateBatch, clone, num_bytes
 from .sampling import hash_order
 from .training import ClientResult, TrainJob, Trainer
 
@@ -43,8 +43,16 @@ class ServerRounds:
         download_bytes: Callable[[Params], int] = num_bytes,
         upload_bytes: Callable[[ClientResult], int] = lambda r: num_bytes(r.params),
         sampler: str = "uniform",
+        payload: Callable[[int], Params] | None = None,
+        after_merge: Callable[[UpdateBatch, int], None] | None = None,
     ):
+        """`payload(round)` is what the server sends every sampled client besides the model
+        (SCAFFOLD's control variate); its bytes are counted with each download. `after_merge(batch,
+        round)` sees the round's batch once the model has moved (SCAFFOLD's and FedDyn's server
+        state are updated from the clients' extras there)."""
         self.sampler = sampler
+        self.payload = payload
+        self.after_merge = after_merge
         self.ctx = ctx
         self.deadline = deadline
         self.executor = ctx.executor(trainer)
@@ -74,9 +82,10 @@ class ServerRounds:
     def step(self, round: int) -> dict[str, float]:
         ctx, net, now = self.ctx, self.ctx.net, self.ctx.clock.now
         sampled = self.sample(round)
-        down = self.download_bytes(self.params)
+        extra = self.payload(round) if self.payload is not None else None
+        down = self.download_bytes(self.params) + (num_bytes(extra) if extra else 0)
         reached = [c for c in net.post(SERVER, sampled, down, purpose="download", ids=(round,)) if net.alive(c, now, round)]
-        results = self.executor.train(self.params, [TrainJob(c, round) for c in reached]) if reached else []
+        results = self.executor.train(self.params, [TrainJob(c, round) for c in reached], extra) if reached else []
         results = ctx.screen(results, round)
         limit = self.deadline if self.deadline is not None else np.inf
         kept, longest = [], 0.0
@@ -97,6 +106,8 @@ class ServerRounds:
             self.aggregator.stats_ = {}  # this round's figures only
         combined = combine(self.aggregator, self.params, batch, round=round, where="the server round")
         self.params = ctx.server_step(self.params, {**self.params, **combined}, round=round)
+        if self.after_merge is not None:
+            self.after_merge(batch, round)
         weights = batch.weights().numpy()
         metrics["train_loss"] = float(sum(w * r.train_loss for w, r in zip(weights, kept)))
         # a rule may report per-round figures (LoRA-FAIR's cosines, Ferret's reconstruction error)
