@@ -36,7 +36,6 @@ from fedsim import (
     TopologyError,
     TrainJob,
     UpdateBatch,
-    combine,
     initial_nodes,
     layer_variance,
     num_bytes,
@@ -181,7 +180,7 @@ class GossipLearning:
             params=received, num_examples=torch.ones(m, dtype=torch.int64), client_ids=torch.full((m,), -1),
             staleness=torch.zeros(m, dtype=torch.int64), coefficients=torch.full((m,), 1.0 / m, dtype=torch.float64),
         )
-        combined = combine(self.rule, own, batch, round=self._round, where=f"node {i}'s gossip merge")
+        combined = self.ctx.combine(self.rule, own, batch, round=self._round, where=f"node {i}'s gossip merge")
         if self.cfg.merge == "variance_corrected":
             merged = variance_corrected_average(own, combined, received, self.cfg.conservative, self.cfg.eps)
         else:

@@ -43,7 +43,6 @@ from fedsim import (
     WeightedMean,
     checkpointable,
     clone,
-    combine,
     make_batch,
     num_bytes,
     ordered_candidates,
@@ -290,7 +289,7 @@ class MoDeST:
         collection.done = True
         results = sorted(collection.results, key=lambda r: r.client_id)
         _, current = self.known_model.get(aggregator, (0, self.initial))
-        model = combine(self.rule, current, make_batch(results), round=round - 1, where=f"MoDeST aggregator {aggregator}")
+        model = self.ctx.combine(self.rule, current, make_batch(results), round=round - 1, where=f"MoDeST aggregator {aggregator}")
         for r in results:
             self.acked.add((r.client_id, round - 1))
             self.ctx.net.signal(aggregator, r.client_id, SMALL_MESSAGE)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from .aggregation import ServerOptimizer, WeightedMean, combine
+from .aggregation import ServerOptimizer, WeightedMean
 from .checkpoint import checkpointable
 from .events import EventLoop
 from .jobs import JobPool
@@ -135,7 +135,7 @@ class AsyncServer:
             coefficients=torch.as_tensor(coefficients, dtype=torch.float64),
             relative=True,
         )
-        total = combine(self.rule, self.params, batch, round=self._round, where=f"{self.cfg.name}'s merge")
+        total = self.ctx.combine(self.rule, self.params, batch, round=self._round, where=f"{self.cfg.name}'s merge")
         target = {name: t - total[name] if t.is_floating_point() else t for name, t in self.params.items()}
         if self.server_optimizer is not None:
             self.params = self.server_optimizer.step(self.params, target, round=self._round)

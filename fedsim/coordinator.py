@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import networkx as nx
 import numpy as np
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, checkpoint, vectorized
 from .client_state import ClientStates, StatefulExecutor
-from .aggregation import Aggregator, ServerOptimizer, build_aggregator
+from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .errors import FedsimError, ScenarioError
@@ -33,7 +33,7 @@ from .history import History
 from .ledger import Ledger
 from .models import build_model
 from .network import Network
-from .params import Params
+from .params import Params, UpdateBatch
 from .plotting import plot_run
 from .scenario import RunSpec, label
 from .seeding import generator
@@ -86,6 +86,7 @@ class RunContext:
             agg = s.aggregator
             self._aggregator = _located(lambda: build_aggregator(agg.name, agg.options()), spec, "aggregator")
         self.server_optimizer: ServerOptimizer | None = None
+        self.batch_hooks: list[Callable[[UpdateBatch, Params, int], UpdateBatch]] = []
         if s.server_optimizer is not None:
             from .scenario import server_optimizer_config
 
@@ -114,6 +115,14 @@ class RunContext:
         says so instead of ignoring it."""
         self.rule_used = True
         return self._aggregator if self._aggregator is not None else default
+
+    def combine(self, rule: Aggregator, global_params: Params, batch: UpdateBatch, *, round: int, where: str) -> Params:
+        """Every merge point's way in: the engine's view of the batch (attackers' rows replaced,
+        where the scenario has an adversary) goes to the rule, whose answer is checked
+        (`fedsim.combine`)."""
+        for hook in self.batch_hooks:
+            batch = hook(batch, global_params, round)
+        return combine(rule, global_params, batch, round=round, where=where)
 
     def server_step(self, params: Params, combined: Params, *, round: int) -> Params:
         """How the server moves from `params` towards what the rule `combined`: to it exactly by

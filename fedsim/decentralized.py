@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import networkx as nx
 import numpy as np
@@ -69,7 +69,7 @@ def mix(W: torch.Tensor, X: Params) -> Params:
     return out
 
 
-def rule_mix(rule: Aggregator, W: torch.Tensor, X: Params, round: int) -> Params:
+def rule_mix(rule: Aggregator, W: torch.Tensor, X: Params, round: int, merge: Callable[..., Params] = combine) -> Params:
     """A gossip step with an aggregation rule: every node combines the models of its
     neighbourhood (its own included, the nodes with a non-zero mixing weight), the mixing weights
     as the batch's coefficients. One rule call per node: robust rules do not factor into a
@@ -90,7 +90,7 @@ def rule_mix(rule: Aggregator, W: torch.Tensor, X: Params, round: int) -> Params
             coefficients=val[lo:hi].to(torch.float64),
         )
         own = {k: v[i] for k, v in X.items()}
-        combined = combine(rule, own, batch, round=round, where=f"node {i}'s neighbourhood")
+        combined = merge(rule, own, batch, round=round, where=f"node {i}'s neighbourhood")
         for k, t in combined.items():
             out[k][i] = t
     return out
@@ -236,7 +236,7 @@ class GraphRounds:
         mixing weights as the batch's weights."""
         if self.rule is None:
             return mix(W, X)
-        return rule_mix(self.rule, W, X, round)
+        return rule_mix(self.rule, W, X, round, self.ctx.combine)
 
     def _surviving(self, alive: np.ndarray, round: int, q: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The mixing operator over the edges that work in this gossip step: both ends up and the

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .aggregation import Aggregator, combine, make_batch
+from .aggregation import Aggregator, make_batch
 from .ledger import SERVER
 from .params import Params, UpdateBatch, clone, num_bytes
 from .sampling import hash_order
@@ -104,7 +104,7 @@ class ServerRounds:
         batch = make_batch(kept)
         if hasattr(self.aggregator, "stats_"):
             self.aggregator.stats_ = {}  # this round's figures only
-        combined = combine(self.aggregator, self.params, batch, round=round, where="the server round")
+        combined = ctx.combine(self.aggregator, self.params, batch, round=round, where="the server round")
         self.params = ctx.server_step(self.params, {**self.params, **combined}, round=round)
         if self.after_merge is not None:
             self.after_merge(batch, round)
