@@ -7,11 +7,13 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import registry
 from .errors import FedsimError
+from .limits import MAX_RUNS
 
 KINDS = {
     "algorithms": registry.algorithms,
@@ -28,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="simulate the runs a scenario file describes")
     run.add_argument("scenario", nargs="?", help="scenario TOML file (not with --resume)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue a killed run (OUT/RUN_NAME) from its last checkpoint, or a whole sweep (OUT)")
+    run.add_argument("--rerun", action="store_true",
+                     help="run again into folders that hold a finished or unfinished run (default: skip finished runs)")
+    run.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                     help=f"refuse sweeps of more than N runs (default: {MAX_RUNS:,})")
     run.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key by its dotted path, e.g. --set algorithm.lr=0.1")
@@ -41,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a scenario file without running it")
     validate.add_argument("scenario")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                          help=f"refuse sweeps of more than N runs (default: {MAX_RUNS:,})")
+    validate.add_argument("--no-plugins", action="store_true",
+                          help="do not import module:Name plug-ins (their own keys are then not checked)")
 
     lst = sub.add_parser("list", help="list the registered names of one kind (or all)")
     lst.add_argument("kind", nargs="?", choices=sorted(KINDS), help="which kind (default: all)")
@@ -61,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except FedsimError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
+        if getattr(exc, "hard_exit", False):  # Ray is stuck connecting in a thread: do not wait for it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fedsim: interrupted; the rows written so far are kept", file=sys.stderr)
@@ -68,41 +83,63 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .coordinator import RunOptions, resume, run_all
-    from .scenario import load
+    from .coordinator import RunOptions, SweepError, resume, resume_sweep, run_all
+    from .resources import check
+    from .scenario import expand, read_with_overrides
 
     if args.workers is not None and args.workers < 1:
         raise FedsimError("--workers: expected an integer >= 1")
+    if args.max_runs < 1:
+        raise FedsimError("--max-runs: expected an integer >= 1")
     options = RunOptions(executor=args.executor, workers=args.workers, address=args.address,
                          progress=not args.no_progress)
     if args.resume:
         if args.scenario or args.overrides:
             raise FedsimError("--resume takes the run folder alone (its scenario.toml is the scenario)")
-        print(f"{resume(args.resume, options)}: metrics.csv, summary.json, convergence.png")
+        target = Path(args.resume)
+        if not (target / "scenario.toml").exists() and (target / "runs.csv").is_file():
+            dirs = resume_sweep(target, options)
+        else:
+            dirs = [resume(target, options)]
+        _print_dirs(dirs)
         return 0
     if not args.scenario:
         raise FedsimError("run: give a SCENARIO file, or --resume RUN_DIR")
-    specs = load(args.scenario, args.overrides)
-    from .resources import check
-
-    for spec in specs:
+    raw = read_with_overrides(args.scenario, args.overrides)
+    specs = expand(raw, args.scenario, max_runs=args.max_runs)
+    for spec in specs:  # the command line's --executor and --workers count as the scenario's would
         try:
-            check(spec, force=args.force)
+            check(spec, force=args.force, executor=args.executor, workers=args.workers)
         except FedsimError as exc:
             raise exc.located(file=spec.source) from None
-    dirs = run_all(specs, args.out, options)
-    for d in dirs:
-        print(f"{d}: metrics.csv, summary.json, convergence.png")
-    if len(dirs) > 1:
+    try:
+        dirs = run_all(specs, args.out, options, rerun=args.rerun, sweep=raw if "sweep" in raw else None)
+    except SweepError as exc:
+        _print_dirs(exc.dirs)
+        raise
+    _print_dirs(dirs)
+    if len(specs) > 1 or any(spec.swept for spec in specs):
         print(f"index of runs: {Path(args.out) / 'runs.csv'}")
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from .scenario import load
+def _print_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        print(f"{d}: metrics.csv, summary.json, convergence.png")
 
-    specs = load(args.scenario, args.overrides)
-    print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''})")
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .scenario import load, unchecked_plugins
+
+    if args.max_runs < 1:
+        raise FedsimError("--max-runs: expected an integer >= 1")
+    skipped: list[str] = []
+    if args.no_plugins:
+        specs, skipped = unchecked_plugins(args.scenario, args.overrides, max_runs=args.max_runs)
+    else:
+        specs = load(args.scenario, args.overrides, max_runs=args.max_runs)
+    note = f"; not imported (--no-plugins), their keys unchecked: {', '.join(skipped)}" if skipped else ""
+    print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''}{note})")
     return 0
 
 
