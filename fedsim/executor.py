@@ -25,7 +25,7 @@ import torch
 from . import vectorized
 from .data import FederatedData
 from .models import build_model
-from .errors import ClientError, FedsimError
+from .errors import ClientError, FedsimError, PluginError
 from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
 from .training import ClientResult, TrainJob, Trainer, TrainOutput, torch_threads
@@ -336,7 +336,7 @@ def _this_fedsim_first() -> Any:
 MAX_ACTOR_RESTARTS = 3  # per job: a job whose actor dies a fourth time ends the run (exit code 1)
 
 
-class ActorsDiedError(ClientError):
+class ActorsDiedError(PluginError):
     """A job's Ray actor died more often than the retry budget allows: exit code 1."""
 
 
