@@ -281,19 +281,24 @@ class Bulyan(Aggregator):
     def min_clients(self) -> int:
         return 4 * self.f + 3
 
-    def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
+    def selection(self, batch: UpdateBatch) -> list[int]:
+        """Step 1: the rows Krum picks, in the order it picks them."""
         n, f = len(batch), self.f
         _need("bulyan", n, self.min_clients, f"f={f}")
-        theta, beta = n - 2 * f, n - 4 * f
         dist = _pairwise_sq_distances(batch.params)
         remaining = torch.arange(n)
         chosen = []
-        for _ in range(theta):
+        for _ in range(n - 2 * f):
             sub = dist[remaining][:, remaining]
             scores = _krum_scores(sub, max(len(remaining) - f - 2, 1))
             best = int(_ranked(scores, batch.client_ids[remaining])[0])
             chosen.append(int(remaining[best]))
             remaining = torch.cat([remaining[:best], remaining[best + 1 :]])
+        return chosen
+
+    def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
+        chosen = self.selection(batch)
+        beta = len(chosen) - 2 * self.f
         selected = _select(batch.params, torch.tensor(sorted(chosen)))
         out = {}
         for name, t in selected.items():

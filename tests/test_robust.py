@@ -123,19 +123,30 @@ def test_krum_picks_the_planted_honest_update():
 
 
 def test_bulyan_hand_computation():
-    """x = [0, 1, 3, 5.5, 10, 15, 100] (ids 0..6), f = 1: theta = 5 selections, beta = 3.
+    """x = [0, 1.5, 3, 5.5, 10, 15, 100] (ids 0..6), f = 1: theta = 5 selections, beta = 3.
     Each Krum step scores over the remaining set R with max(|R| - f - 2, 1) neighbours:
-      |R| = 7, 4 neighbours: 3 scores 4+6.25+9+49 = 68.25 (5.5: 77, 1: 106.25)   -> pick 3
-      |R| = 6, 3 neighbours: 5.5 scores 20.25+20.25+30.25 = 70.75 (1: 102.25)    -> pick 5.5
-      |R| = 5, 2 neighbours: 1 scores 1+81 = 82 (0: 101, 10: 106, 15: 221)       -> pick 1
-      |R| = 4, 1 neighbour:  10 and 15 both 25; the smaller id (4) wins         -> pick 10
-      |R| = 3, 1 neighbour:  0 and 15 both 225 (each other); id 0 wins           -> pick 0
-    Selected {0, 1, 3, 5.5, 10}, median 3, distances 3, 2, 0, 2.5, 7: mean of 3, 1 and 5.5."""
-    x = [0, 1, 3, 5.5, 10, 15, 100]
+      |R| = 7, 4 neighbours: 3 scores 2.25+6.25+9+49 = 66.5 (5.5: 72.75, 1.5: 92.75)  -> pick 3
+      |R| = 6, 3 neighbours: 5.5 scores 16+20.25+30.25 = 66.5 (1.5: 90.5, 10: 117.5) -> pick 5.5
+      |R| = 5, 2 neighbours: 1.5 scores 2.25+72.25 = 74.5 (10: 97.25, 0: 102.25)      -> pick 1.5
+      |R| = 4, 1 neighbour:  10 and 15 both 25; the smaller id (4) wins              -> pick 10
+      |R| = 3, 1 neighbour:  0 and 15 both 225 (each other); id 0 wins                -> pick 0
+    Selected {0, 1.5, 3, 5.5, 10}, median 3, distances 3, 1.5, 0, 2.5, 7: mean of 3, 1.5 and 5.5."""
+    x = [0, 1.5, 3, 5.5, 10, 15, 100]
+    assert Bulyan(f=1).selection(batch_of(x)) == [2, 3, 1, 4, 0]
     out = Bulyan(f=1)(zeros(), batch_of(x), round=1)["w"]
-    assert out.item() == pytest.approx((3 + 1 + 5.5) / 3)
+    assert out.item() == pytest.approx((3 + 1.5 + 5.5) / 3)
     with pytest.raises(ValueError, match=r"bulyan: f=1 needs at least 7 updates per aggregation, got 6"):
         Bulyan(f=1)(zeros(), batch_of(x[:6]), round=1)
+
+
+def test_krum_distances_survive_a_large_common_offset():
+    """Models sit far from the origin and differ little; distances are computed on centred values,
+    so the offset cannot swamp the differences."""
+    far = torch.tensor(KRUM_POINTS, dtype=torch.float64) + 1e9
+    batch = batch_of(far)
+    batch.params["w"] = far
+    out = Krum(f=1)({"w": torch.zeros(2, dtype=torch.float64)}, batch, round=1)["w"]
+    assert torch.equal(out, far[0])
 
 
 def test_geometric_median_hand_computation():
@@ -260,6 +271,7 @@ def test_bad_settings_are_one_line_at_validate(capsys, write_scenario):
     assert "aggregator.trim" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_robust_rule_runs_as_the_server_rule(write_scenario, tmp_path):
     """FedAvg with Krum (f = 1, so 5 clients per round) learns, and its curve is not FedAvg's."""
     curves = {}
