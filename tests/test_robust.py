@@ -142,8 +142,8 @@ def test_bulyan_hand_computation():
 def test_krum_distances_survive_a_large_common_offset():
     """Models sit far from the origin and differ little; distances are computed on centred values,
     so the offset cannot swamp the differences."""
-    far = torch.tensor(KRUM_POINTS, dtype=torch.float64) + 1e9
-    batch = batch_of(far)
+    far = torch.tensor(KRUM_POINTS, dtype=torch.float64) + 1e12
+    batch = batch_of(far, ids=[4, 3, 2, 1, 0])  # x0 has the largest id: a tie would not pick it
     batch.params["w"] = far
     out = Krum(f=1)({"w": torch.zeros(2, dtype=torch.float64)}, batch, round=1)["w"]
     assert torch.equal(out, far[0])
