@@ -162,3 +162,13 @@ def test_build_compressor_from_config():
     assert build_compressor(CompressionConfig(name="qsgd", levels=4)) == QSGD(levels=4)
     assert isinstance(build_compressor(CompressionConfig()), Identity)
     assert math.isclose(CompressionConfig(name="random_k", ratio=0.5, unbiased=True).ratio, 0.5)
+
+
+def test_choco_follows_the_formula_when_rows_do_not_sum_to_one():
+    """x_i + gamma sum_j w_ij (x_hat_j - x_hat_i): a row that lost weight (a message that did not
+    arrive) pulls less, it does not pull towards zero. x = (0, 4), w = [[.5, .25], [.25, .5]]:
+    x_0 <- 0 + .25 (4 - 0) = 1, x_1 <- 4 + .25 (0 - 4) = 3."""
+    W = torch.tensor([[0.5, 0.25], [0.25, 0.5]]).to_sparse()
+    x = {"w": torch.tensor([[0.0], [4.0]])}
+    new_x, _, _ = choco_gossip(x, {"w": torch.zeros(2, 1)}, W, 1.0, Identity(), [rng(0), rng(1)])
+    assert torch.equal(new_x["w"], torch.tensor([[1.0], [3.0]]))
