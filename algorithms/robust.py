@@ -4,13 +4,18 @@ Bulyan, the geometric median (RFA), centered clipping and norm bounding.
 Every rule follows the contract of `fedsim.Aggregator`: `rule(global_params, batch, *, round)`, with
 `batch.params[name]` stacked as (num_clients, *shape).
 
-What the stacked tensors are. Median, trimmed mean, Krum, Bulyan and the geometric median are
-translation-equivariant: rule(x + c) = rule(x) + c, so they give the same step whether the cohort
-sends models (as ServerRounds does today) or deltas, and they ignore `global_params`. Centered
-clipping and norm bounding clip a *difference*, so they need a reference point: with
-`inputs = "models"` (the default) the reference is `global_params` (the model the clients started
-from; in a gossip merge, the merging node's own model) and the output is a model; with
-`inputs = "deltas"` the reference is zero and the output is a delta.
+What the stacked tensors are. A batch holds client models (`batch.relative` false: server rounds,
+graph neighbourhoods, gossip and MoDeST merges) or client updates w_start - w_end (`relative`:
+FedAsync, FedBuff, FedCompass). Median, trimmed mean, Krum, Bulyan and the geometric median are
+translation-equivariant, rule(x + c) = rule(x) + c, so they need no centre and ignore
+`global_params`. Centered clipping and norm bounding clip a *difference*, taken to
+`batch.center(global_params)`: the global model for models (in a graph merge, the merging node's
+own model, which makes them the clipped gossip of He, Karimireddy and Jaggi 2022), zero for updates.
+
+Step sizes. On updates, the merge point's coefficients carry the method's step (FedBuff's server
+learning rate, the staleness discount) and need not sum to one; the default weighted sum returns
+sum_i w_i Delta_i. A robust rule returns (sum_i w_i) times its robust estimate of the updates, so
+the method's step survives the change of rule. On models the estimate is returned as it is.
 
 Attackers: `f` is the number of Byzantine clients a rule tolerates in one aggregation. A cohort too
 small for the rule's `f` is an error naming both numbers (`min_clients` says how many a rule needs),
@@ -25,7 +30,7 @@ depend on client order.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -125,21 +130,18 @@ def _krum_scores(dist: Tensor, neighbours: int) -> Tensor:
     return off.sort(dim=1).values[:, :neighbours].sum(1)
 
 
+def _as_step(batch: UpdateBatch, estimate: Params) -> Params:
+    """On updates, scale a location estimate by the merge point's total weight (see the module
+    docstring); models come back as they are."""
+    if not batch.relative:
+        return estimate
+    total = float(batch.weights().sum())
+    return {name: t * total if t.is_floating_point() else t for name, t in estimate.items()}
+
+
 def _need(rule: str, have: int, need: int, why: str) -> None:
     if have < need:
         raise ValueError(f"{rule}: {why} needs at least {need} updates per aggregation, got {have}")
-
-
-class _ClippingBase(Aggregator):
-    def __init__(self, inputs: Literal["models", "deltas"] = "models"):
-        if inputs not in ("models", "deltas"):
-            raise ScenarioError(f"inputs must be 'models' or 'deltas', got {inputs!r}")
-        self.inputs = inputs
-
-    def _reference(self, global_params: Params, stacked: Params) -> Params:
-        if self.inputs == "models":
-            return {name: global_params[name] for name in stacked if stacked[name].is_floating_point()}
-        return {name: torch.zeros_like(t[0]) for name, t in stacked.items() if t.is_floating_point()}
 
 
 def _check_positive(rule: str, key: str, value: float) -> None:
@@ -165,7 +167,8 @@ class CoordinateMedian(Aggregator):
     min_clients = 1
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        return {name: _median(t) if t.is_floating_point() else _lower_median(t) for name, t in batch.params.items()}
+        return _as_step(batch, {name: _median(t) if t.is_floating_point() else _lower_median(t)
+                                for name, t in batch.params.items()})
 
 
 @register_aggregator("trimmed_mean")
@@ -204,7 +207,7 @@ class TrimmedMean(Aggregator):
                 out[name] = _lower_median(t)
                 continue
             out[name] = t.sort(dim=0).values[b : n - b].mean(dim=0)
-        return out
+        return _as_step(batch, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class Krum(Aggregator):
         return _ranked(scores, batch.client_ids)[:m]
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        return _mean(_select(batch.params, self._selected(batch, self.m)))
+        return _as_step(batch, _mean(_select(batch.params, self._selected(batch, self.m))))
 
 
 @register_aggregator("multi_krum")
@@ -259,7 +262,7 @@ class MultiKrum(Krum):
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
         m = len(batch) - self.f if self.m is None else self.m
-        return _mean(_select(batch.params, self._selected(batch, m)))
+        return _as_step(batch, _mean(_select(batch.params, self._selected(batch, m))))
 
 
 @register_aggregator("bulyan")
@@ -307,7 +310,7 @@ class Bulyan(Aggregator):
                 continue
             closest = (t - _median(t)).abs().topk(beta, dim=0, largest=False).indices
             out[name] = t.gather(0, closest).mean(dim=0)
-        return out
+        return _as_step(batch, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ class GeometricMedian(Aggregator):
         self.ftol = ftol
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        alpha = batch.weights()
+        alpha = batch.weights() / batch.weights().sum()
         v = _combine(batch.params, alpha)
         for _ in range(self.max_iter):
             dist = _sq_norms(_differences(batch.params, v)).sqrt()
@@ -348,7 +351,7 @@ class GeometricMedian(Aggregator):
             v = new
             if moved <= self.ftol * max(self.nu, _weighted_median(dist, alpha)):
                 break
-        return v
+        return _as_step(batch, v)
 
 
 def _weighted_median(values: Tensor, weights: Tensor) -> float:
@@ -361,30 +364,33 @@ def _weighted_median(values: Tensor, weights: Tensor) -> float:
 # Clipping rules
 
 
+def _center(global_params: Params, batch: UpdateBatch) -> Params:
+    center = batch.center(global_params)
+    return {name: center[name] for name, t in batch.params.items() if t.is_floating_point()}
+
+
 @register_aggregator("centered_clipping")
-class CenteredClipping(_ClippingBase):
-    """Centered clipping (Karimireddy, He, Jaggi, ICML 2021, Sec. 4, eq. (CC)): starting from the
-    reference v_0 (see the module docstring: `global_params` for models, zero for deltas), repeat
-    `iterations` times
+class CenteredClipping(Aggregator):
+    """Centered clipping (Karimireddy, He, Jaggi, ICML 2021, Sec. 4, eq. (CC)): starting from
+    v_0 = `batch.center(global_params)` (the global model, or the merging node's own model, for
+    models; zero for updates), repeat `iterations` times
 
         v <- v + (1/n) sum_i (x_i - v) min(1, tau / ||x_i - v||),
 
     so no client moves the aggregate by more than tau / n per iteration. The paper centres on the
     previous round's aggregate momentum; fedsim's rules are stateless, and the model the clients
-    started from is that point for model inputs. Needs no `f`; `tau` bounds each client's pull."""
+    started from is that point for models. Needs no `f`; `tau` bounds each client's pull."""
 
     min_clients = 1
 
-    def __init__(self, tau: PositiveFloat = 10.0, iterations: PositiveInt = 1,
-                 inputs: Literal["models", "deltas"] = "models"):
-        super().__init__(inputs)
+    def __init__(self, tau: PositiveFloat = 10.0, iterations: PositiveInt = 1):
         _check_positive("centered_clipping", "tau", tau)
         _check_positive("centered_clipping", "iterations", iterations)
         self.tau = tau
         self.iterations = iterations
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        v = self._reference(global_params, batch.params)
+        v = _center(global_params, batch)
         n = len(batch)
         for _ in range(self.iterations):
             diffs = _differences(batch.params, v)
@@ -392,35 +398,31 @@ class CenteredClipping(_ClippingBase):
             scale = torch.clamp(self.tau / norms, max=1.0) / n  # norm 0 gives inf, clamped to 1
             step = _combine(diffs, scale)
             v = {name: v[name] + step[name] for name in v}
-        out = {name: _lower_median(t) for name, t in batch.params.items() if not t.is_floating_point()}
-        return {name: v[name] if name in v else out[name] for name in batch.params}
+        out = {name: v[name] if name in v else _lower_median(t) for name, t in batch.params.items()}
+        return _as_step(batch, out)
 
 
 @register_aggregator("norm_bounding")
-class NormBounding(_ClippingBase):
+class NormBounding(Aggregator):
     """Norm bounding (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?",
-    2019, Sec. 4, "norm thresholding of updates"): every client's update Delta_i (its difference to
-    the reference, see the module docstring) is scaled to norm at most `max_norm`, then the updates
-    are averaged with example weights:
+    2019, Sec. 4, "norm thresholding of updates"): every client's difference Delta_i to
+    c = `batch.center(global_params)` is scaled to norm at most `max_norm`, then combined with the
+    batch's weights (example counts in server rounds, the method's coefficients on updates):
 
-        reference + sum_i (n_i / n) Delta_i / max(1, ||Delta_i|| / max_norm).
+        c + sum_i w_i Delta_i / max(1, ||Delta_i|| / max_norm).
 
     Needs no `f`; it bounds what any one client can do rather than identifying attackers."""
 
     min_clients = 1
 
-    def __init__(self, max_norm: PositiveFloat = 10.0, inputs: Literal["models", "deltas"] = "models"):
-        super().__init__(inputs)
+    def __init__(self, max_norm: PositiveFloat = 10.0):
         _check_positive("norm_bounding", "max_norm", max_norm)
         self.max_norm = max_norm
 
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
-        ref = self._reference(global_params, batch.params)
+        ref = _center(global_params, batch)
         diffs = _differences(batch.params, ref)
         norms = _sq_norms(diffs).sqrt()
         scale = torch.clamp(self.max_norm / norms, max=1.0) * batch.weights()
         step = _combine(diffs, scale)
-        out = {}
-        for name, t in batch.params.items():
-            out[name] = ref[name] + step[name] if name in ref else _lower_median(t)
-        return out
+        return {name: ref[name] + step[name] if name in ref else _lower_median(t) for name, t in batch.params.items()}

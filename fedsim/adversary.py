@@ -8,10 +8,12 @@ updates of the round's honest clients, as their papers' omniscient attackers do;
 attackers' own mask as `honest` for the non-omniscient variant (attackers that only know their own
 honest computations).
 
-Updates are differences to the model the clients started from. `corrupt` takes models or deltas:
-given `reference` (that start model) it works on x_i - reference and adds it back; with
-`reference=None` the rows are already deltas. Translation-equivariant attacks (ALIE) give the same
-rows either way; the others (sign flip, scaling, IPM) need the difference.
+Updates follow the engine's convention for relative batches, Delta = w_start - w_end (a descent
+direction, like a gradient). `corrupt` takes either kind of row: given `reference` (the model the
+clients started from) the rows are models, attacked as Delta_i = reference - x_i and returned as
+reference - Delta'_i; with `reference=None` they are already updates. Sign flip, scaling, IPM and
+Gaussian noise read the same in either sign; ALIE's mu - z sigma is written for descent
+directions, as the paper's gradients are.
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def corrupt(
     for name, t in updates.items():
         if not t.is_floating_point():
             continue
-        ref = reference[name] if reference is not None else torch.zeros_like(t[0])
-        delta = t - ref
+        ref = reference[name] if reference is not None else None
+        delta = ref - t if ref is not None else t
         if cfg.behaviour == "sign_flip":
             bad = -delta[attackers]
         elif cfg.behaviour == "scale":
@@ -126,5 +128,5 @@ def corrupt(
             bad = (-cfg.epsilon * delta[source].mean(0)).expand(num_bad, *t.shape[1:])
         else:  # pragma: no cover - the config's Literal rules this out
             raise ValueError(f"unknown adversary behaviour {cfg.behaviour!r}")
-        out[name][attackers] = bad + ref
+        out[name][attackers] = ref - bad if ref is not None else bad
     return out

@@ -11,7 +11,7 @@ import torch
 from fedsim.adversary import AdversaryConfig, alie_z, attacker_mask, choose_attackers, corrupt, flip_labels
 from fedsim.seeding import generator
 
-# Three honest deltas and two attackers (rows 1 and 3) whose own updates are (7, 7) and (-1, 0).
+# Three honest updates (w_start - w_end) and two attackers (rows 1 and 3) whose own updates are (7, 7) and (-1, 0).
 HONEST = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 4.0]])
 ROWS = torch.stack([HONEST[0], torch.tensor([7.0, 7.0]), HONEST[1], torch.tensor([-1.0, 0.0]), HONEST[2]])
 BAD = torch.tensor([False, True, False, True, False])
@@ -19,12 +19,14 @@ REF = torch.tensor([10.0, -20.0])
 
 
 def attack(behaviour, reference=None, honest=None, **keys):
+    """Rows are the updates Delta = w_start - w_end above, or, given a reference, the models
+    reference - Delta; returns the attackers' rows as updates."""
     cfg = AdversaryConfig(fraction=0.4, behaviour=behaviour, **keys)
-    rows = ROWS + (reference if reference is not None else 0)
+    rows = ROWS if reference is None else reference - ROWS
     ref = {"w": reference} if reference is not None else None
     out = corrupt({"w": rows}, BAD, ~BAD if honest is None else honest, ref, cfg, np.random.default_rng(0))
     assert torch.equal(out["w"][~BAD], rows[~BAD]), "honest rows must come back unchanged"
-    return out["w"][BAD] - (reference if reference is not None else 0)
+    return out["w"][BAD] if reference is None else reference - out["w"][BAD]
 
 
 def test_alie_z_is_baruch_et_al_z_max():

@@ -25,7 +25,7 @@ from fedsim.testing import check_aggregator
 from tests.conftest import SMALL
 
 
-def batch_of(rows, num_examples=None, ids=None, name="w") -> UpdateBatch:
+def batch_of(rows, num_examples=None, ids=None, name="w", relative=False, coefficients=None) -> UpdateBatch:
     t = torch.as_tensor(rows, dtype=torch.float32)
     if t.dim() == 1:
         t = t[:, None]
@@ -35,6 +35,8 @@ def batch_of(rows, num_examples=None, ids=None, name="w") -> UpdateBatch:
         num_examples=torch.as_tensor(num_examples if num_examples is not None else [1] * n),
         client_ids=torch.as_tensor(ids if ids is not None else list(range(n))),
         staleness=torch.zeros(n, dtype=torch.int64),
+        relative=relative,
+        coefficients=None if coefficients is None else torch.as_tensor(coefficients, dtype=torch.float64),
     )
 
 
@@ -61,8 +63,7 @@ def test_rules_are_registered_and_pass_conformance(name):
 
 
 @pytest.mark.parametrize("rule", [TrimmedMean(trim=0.2), Bulyan(f=2), Krum(f=2, m=3), MultiKrum(f=2, m=4),
-                                  CenteredClipping(tau=100.0, iterations=3, inputs="deltas"),
-                                  NormBounding(inputs="deltas", max_norm=100.0)], ids=repr)
+                                  CenteredClipping(tau=100.0, iterations=3), NormBounding(max_norm=100.0)], ids=repr)
 def test_rules_with_other_settings_pass_conformance(rule):
     check_aggregator(rule)
 
@@ -169,6 +170,10 @@ def test_centered_clipping_hand_computation():
     # two diffs (-0.4, 0.1333), (-0.4, -0.8667) are shorter than tau: v2 = v1 + sum / 3
     out2 = CenteredClipping(tau=2.0, iterations=2)(zeros(2), batch, round=1)["w"]
     assert torch.allclose(out2, torch.tensor([0.559048, 1.135263]), atol=1e-5)
+    # updates are clipped around zero, whatever the global model, and scaled by the total weight
+    updates = batch_of([[3, 4], [0, 1], [0, 0]], relative=True, coefficients=[0.25, 0.25, 0.25])
+    out = CenteredClipping(tau=2.0)({"w": torch.tensor([10.0, 0.0])}, updates, round=1)["w"]
+    assert torch.allclose(out, 0.75 * torch.tensor([0.4, 2.6 / 3]))
     # models are clipped around the global model: shifting everything shifts the result
     shifted = batch_of([[13, 4], [10, 1], [10, 0]])
     assert torch.allclose(CenteredClipping(tau=2.0)({"w": torch.tensor([10.0, 0.0])}, shifted, round=1)["w"],
@@ -180,9 +185,11 @@ def test_norm_bounding_hand_computation():
     batch = batch_of([[4, 5], [1, 2]], num_examples=[1, 3])
     out = NormBounding(max_norm=2.0)({"w": torch.tensor([1.0, 1.0])}, batch, round=1)["w"]
     assert torch.allclose(out, torch.tensor([1.0 + 0.3, 1.0 + 1.15]))
-    deltas = batch_of([[3, 4], [0, 1]], num_examples=[1, 3])
-    out = NormBounding(max_norm=2.0, inputs="deltas")({"w": torch.tensor([1.0, 1.0])}, deltas, round=1)["w"]
-    assert torch.allclose(out, torch.tensor([0.3, 1.15]))
+    # updates are clipped around zero, combined with the merge point's coefficients (FedBuff's
+    # server lr and staleness discount): 0.1 * (1.2, 1.6) + 0.3 * (0, 1)
+    deltas = batch_of([[3, 4], [0, 1]], relative=True, coefficients=[0.1, 0.3])
+    out = NormBounding(max_norm=2.0)({"w": torch.tensor([1.0, 1.0])}, deltas, round=1)["w"]
+    assert torch.allclose(out, torch.tensor([0.12, 0.16 + 0.3]))
 
 
 def _corrupted(num_honest: int, num_bad: int, value: float = 1e6):
@@ -227,7 +234,7 @@ def test_clipping_rules_bound_what_attackers_move(rule, num_bad):
 @pytest.mark.parametrize("name", sorted(ALL_RULES))
 def test_rules_are_translation_equivariant(name):
     """rule(x + c, g + c) = rule(x, g) + c: the same step whether clients send models or deltas
-    (clipping rules with inputs = "models" clip around the global model, which moves too)."""
+    (the clipping rules clip models around the global model, which moves too)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, 5, generator=g)
     glob = torch.randn(5, generator=g)
@@ -236,6 +243,19 @@ def test_rules_are_translation_equivariant(name):
     a = rule({"w": glob}, batch_of(x), round=1)["w"]
     b = rule({"w": glob + c}, batch_of(x + c), round=1)["w"]
     assert torch.allclose(b, a + c, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_RULES))
+def test_on_updates_rules_keep_the_methods_step(name):
+    """FedBuff-style coefficients (server lr x staleness discount, summing to 0.6): a rule returns
+    0.6 times its estimate, as the default weighted sum returns sum_i w_i Delta_i. Where every
+    client sends the same update, that is 0.6 times the update."""
+    same = torch.tensor([[0.5, -1.0]] * 7)
+    out = ALL_RULES[name](zeros(2), batch_of(same, relative=True, coefficients=[0.6 / 7] * 7), round=1)["w"]
+    assert torch.allclose(out, 0.6 * same[0], atol=1e-6)
+    median = CoordinateMedian()(zeros(2), batch_of([[1.0, 2.0], [3.0, -4.0], [100.0, 0.0]], relative=True,
+                                                   coefficients=[0.2, 0.2, 0.2]), round=1)["w"]
+    assert torch.allclose(median, 0.6 * torch.tensor([3.0, 0.0]))
 
 
 def test_cohorts_too_small_for_f_are_named():
