@@ -302,3 +302,33 @@ def test_a_robust_rule_runs_as_the_server_rule(write_scenario, tmp_path):
         curves[rule] = pd.read_csv(out / "small" / "metrics.csv")
     assert curves["krum"]["test_loss"].iloc[-1] < curves["krum"]["test_loss"].iloc[0]
     assert not curves["krum"]["test_loss"].equals(curves["fedavg"]["test_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, rule", [
+    ('name = "fedbuff"\nbuffer_size = 4\nlocal_steps = 3\nround_seconds = 1.0', 'name = "geometric_median"'),
+    ('name = "dpsgd"', 'name = "trimmed_mean"\nf = 1'),
+])
+def test_robust_rules_merge_in_buffers_and_neighbourhoods(write_scenario, tmp_path, algorithm, rule):
+    """The same rules run inside FedBuff's buffer (on updates) and as a ring's neighbourhood merge
+    (three models each: f = 1 trims to the middle one); the curve is not the default rule's."""
+    text = SMALL.replace('name = "fedavg"\nclients_per_round = 4', algorithm)
+    if "dpsgd" in algorithm:
+        text += '\n[topology]\nname = "ring"\n'
+    curves = {}
+    for label, extra in [("default", ""), ("robust", f"\n[aggregator]\n{rule}\n")]:
+        path = write_scenario(text + extra, name=f"{label}.toml")
+        assert main(["run", str(path), "--out", str(tmp_path / label), "--no-progress"]) == 0
+        curves[label] = pd.read_csv(tmp_path / label / "small" / "metrics.csv")
+    assert curves["robust"]["test_loss"].iloc[-1] < curves["robust"]["test_loss"].iloc[0]
+    assert not curves["robust"]["test_loss"].equals(curves["default"]["test_loss"])
+
+
+@pytest.mark.slow
+def test_krum_on_a_ring_names_the_neighbourhood_it_cannot_serve(write_scenario, tmp_path, capsys):
+    text = SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "dpsgd"')
+    path = write_scenario(text + '\n[topology]\nname = "ring"\n\n[aggregator]\nname = "krum"\nf = 1\n')
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "krum: f=1, m=1 needs at least 5 updates per aggregation, got 3" in err[0]
+    assert "neighbourhood" in err[0]
