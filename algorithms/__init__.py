@@ -3,4 +3,4 @@
 Importing this package registers them; the registry imports it on first lookup.
 """
 
-from . import dfedavg, dfedsam, dpsgd, fedasync, fedavg, fedbuff, fedcompass, gossip, modest, ferret, lora_fair  # noqa: F401
+from . import dfedavg, dfedsam, dpsgd, fedasync, fedavg, fedbuff, fedcompass, gossip, modest, ferret, lora_fair, robust  # noqa: F401

@@ -3,6 +3,9 @@
 `check_aggregator(rule)` raises AssertionError naming the first property the rule breaks:
 keys, shapes and dtypes kept; the same output for any order of clients; identity when every
 client sends the same parameters; finite output; the same output when called twice.
+
+A rule that needs a minimum cohort (Krum: 2f + 3, Bulyan: 4f + 3) says so in a `min_clients`
+attribute, and the checks use a batch at least that large.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _permute(batch: UpdateBatch, order: torch.Tensor) -> UpdateBatch:
 
 def check_aggregator(rule: Aggregator, *, atol: float = 1e-6) -> None:
     name = getattr(rule, "__name__", type(rule).__name__)
-    global_params, batch = example_batch()
+    global_params, batch = example_batch(max(5, int(getattr(rule, "min_clients", 1))))
 
     out = rule(global_params, batch, round=1)
     assert set(out) == set(global_params), f"{name}: output keys {sorted(out)} != input keys {sorted(global_params)}"
