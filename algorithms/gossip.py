@@ -107,7 +107,7 @@ class GossipLearning:
         self.nbytes = num_bytes({k: v[0] for k, v in self.X.items()})
         n = ctx.data.num_clients
         self.neighbours = [np.fromiter(ctx.graph.neighbors(i), dtype=np.int64) for i in range(n)]
-        self.buffers: list[list[Params]] = [[] for _ in range(n)]
+        self.buffers: list[list[tuple[int, Params]]] = [[] for _ in range(n)]  # (sender, model)
         self.jobs_done = np.zeros(n, dtype=np.int64)
         self.loop = EventLoop(ctx, {"trained": self._trained, "received": self._received})
         self.evaluator = NodeEvaluator(ctx, cfg.eval_nodes)
@@ -142,10 +142,10 @@ class GossipLearning:
         self.ctx.clock.advance_to(horizon)
         return {"train_loss": float(np.mean(self.losses)) if self.losses else float("nan"), "merges": float(self.merges)}
 
-    def _received(self, payload: tuple[int, Params], now: float) -> None:
-        receiver, params = payload
+    def _received(self, payload: tuple[int, int, Params], now: float) -> None:
+        receiver, sender, params = payload
         if self.ctx.net.alive(receiver, now, self._round):
-            self.buffers[receiver].append(params)
+            self.buffers[receiver].append((sender, params))
 
     def _trained(self, key: tuple[int, int], now: float) -> None:
         i, k = key
@@ -165,19 +165,20 @@ class GossipLearning:
         up = [int(j) for j in self.neighbours[i] if net.alive(int(j), now, self._round)]
         if self.jobs_done[i] % self.cfg.push_every == 0 and up:
             for j, arrives in net.send(i, up, self.nbytes, at=now, purpose="gossip.push", ids=(i, k)):
-                self.loop.at(arrives, "received", (j, result.params))
+                self.loop.at(arrives, "received", (j, i, result.params))
         needed = max(1, math.ceil(self.cfg.buffer_factor * len(up)))
         if self.buffers[i] and len(self.buffers[i]) >= needed:
             self._merge(i)
         self._start(i, now)
 
     def _merge(self, i: int) -> None:
-        received = stack(self.buffers[i])
-        m = len(self.buffers[i])
+        senders = [j for j, _ in self.buffers[i]]
+        received = stack([params for _, params in self.buffers[i]])
+        m = len(senders)
         self.buffers[i] = []
         own = self._node(i)
         batch = UpdateBatch(
-            params=received, num_examples=torch.ones(m, dtype=torch.int64), client_ids=torch.full((m,), -1),
+            params=received, num_examples=torch.ones(m, dtype=torch.int64), client_ids=torch.tensor(senders),
             staleness=torch.zeros(m, dtype=torch.int64), coefficients=torch.full((m,), 1.0 / m, dtype=torch.float64),
         )
         combined = self.ctx.combine(self.rule, own, batch, round=self._round, where=f"node {i}'s gossip merge")

@@ -87,6 +87,9 @@ class RunContext:
             self._aggregator = _located(lambda: build_aggregator(agg.name, agg.options()), spec, "aggregator")
         self.server_optimizer: ServerOptimizer | None = None
         self.batch_hooks: list[Callable[[UpdateBatch, Params, int], UpdateBatch]] = []
+        self.attackers = np.zeros(0, dtype=np.int64)
+        if s.adversary is not None:
+            self._add_adversary(spec)
         if s.server_optimizer is not None:
             from .scenario import server_optimizer_config
 
@@ -116,6 +119,27 @@ class RunContext:
         self.rule_used = True
         return self._aggregator if self._aggregator is not None else default
 
+    def _add_adversary(self, spec: RunSpec) -> None:
+        """Attackers chosen once from the seed; their rows of every merge point's batch are
+        replaced by what `behaviour` sends (label flipping acts on their data instead)."""
+        from .adversary import attacker_mask, choose_attackers, corrupt
+        from .scenario import adversary_config
+
+        cfg = adversary_config(spec.scenario, spec.source)
+        self.attackers = choose_attackers(self.data.num_clients, cfg.fraction, self.generator("adversary"))
+        if cfg.behaviour == "label_flip":
+            return
+
+        def attack(batch: UpdateBatch, global_params: Params, round: int) -> UpdateBatch:
+            bad = attacker_mask(batch.client_ids, self.attackers)
+            if not bool(bad.any()):
+                return batch
+            reference = None if batch.relative else global_params
+            rng = self.generator("adversary.round", round, int(batch.client_ids[0]) + 1)
+            return replace(batch, params=corrupt(batch.params, bad, ~bad, reference, cfg, rng))
+
+        self.batch_hooks.append(attack)
+
     def combine(self, rule: Aggregator, global_params: Params, batch: UpdateBatch, *, round: int, where: str) -> Params:
         """Every merge point's way in: the engine's view of the batch (attackers' rows replaced,
         where the scenario has an adversary) goes to the rule, whose answer is checked
@@ -140,7 +164,7 @@ class RunContext:
         spec = WorkerSpec(
             s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
             trainer, s.system.threads_per_worker, s.system.on_client_error, s.system.vectorize, s.system.chunk_size,
-            s.system.device,
+            s.system.device, self._flipped_labels(),
         )
         if s.system.device == "cuda":
             import torch
@@ -165,6 +189,13 @@ class RunContext:
             reason = "the model has buffers" if list(self.model.buffers()) else f"{type(trainer).__name__} has no vectorised form"
             print(f"fedsim: clients train one after another ({reason})")
         return StatefulExecutor(executor, self.client_states)
+
+    def _flipped_labels(self) -> tuple[int, ...]:
+        """Clients that train on flipped labels (an `[adversary]` with behaviour = "label_flip")."""
+        s = self.spec.scenario
+        if s.adversary is None or s.adversary.get("behaviour") != "label_flip":
+            return ()
+        return tuple(int(c) for c in self.attackers)
 
     def evaluate(self, params: Params) -> tuple[float, float]:
         """Test accuracy and loss of `params`, computed with the workers' fixed thread count."""
@@ -346,6 +377,8 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         **ctx.ledger.summary(),
         **(ctx.failures.summary() if ctx.failures.active else {}),
     }
+    if ctx.spec.scenario.adversary is not None:
+        summary["attackers"] = [int(c) for c in ctx.attackers]
     target = ctx.spec.scenario.target_accuracy
     if target is not None:
         reached = df[df["test_accuracy"] >= target]

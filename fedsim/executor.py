@@ -41,6 +41,7 @@ class WorkerSpec:
     vectorize: bool | None = None
     chunk_size: int = 64
     device: str = "auto"
+    label_flip: tuple[int, ...] = ()  # attackers that train on labels C - 1 - y
 
 
 class Worker:
@@ -76,7 +77,7 @@ class Worker:
         with torch_threads(self.spec.threads):
             for job in jobs:
                 params = tensors if job.row is None else {k: v[job.row] for k, v in tensors.items()}
-                x, y = self.data.client(job.client_id)
+                x, y = self.client_data(job.client_id)
                 try:
                     out = self._train_one(params, x, y, job)
                 except Exception as exc:  # a plugin's bug: name it, and the client, for the user
@@ -99,7 +100,7 @@ class Worker:
             for start in range(0, len(jobs), size):
                 chunk = jobs[start : start + size]
                 params = [tensors if j.row is None else {k: v[j.row] for k, v in tensors.items()} for j in chunk]
-                data = [self.data.client(j.client_id) for j in chunk]
+                data = [self.client_data(j.client_id) for j in chunk]
                 rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]
                 try:
                     sgd, names = self.plan  # type: ignore[misc]
@@ -115,6 +116,12 @@ class Worker:
                         out.metrics["nonfinite"] = 1.0
                     results.append(_result(job, len(y), out))
         return results
+
+    def client_data(self, client: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.data.client(client)
+        if client in self.spec.label_flip:
+            y = (self.data.num_classes - 1) - y
+        return x, y
 
     def pid(self) -> int:
         """The hosting process's id: to measure its memory, or to kill it in fault tests."""

@@ -143,6 +143,7 @@ class Scenario(Section):
     algorithm: NamedSection = NamedSection(name="fedavg")
     aggregator: NamedSection | None = None
     server_optimizer: NamedSection | None = None  # how the server steps after the rule (FedOpt)
+    adversary: dict[str, Any] | None = None  # Byzantine clients (fedsim.adversary.AdversaryConfig)
     system: SystemConfig = SystemConfig()
     sweep: dict[str, list[Any]] | None = None
 
@@ -375,6 +376,8 @@ def _check_plugins(scenario: Scenario) -> None:
         build_aggregator(scenario.aggregator.name, scenario.aggregator.options())  # its own checks too
     if scenario.server_optimizer is not None:
         server_optimizer_config(scenario, "")
+    if scenario.adversary is not None:
+        adversary_config(scenario, "")
     if scenario.topology is not None:
         from .topologies import MIXING_RULES
 
@@ -390,6 +393,13 @@ def server_optimizer_config(scenario: Scenario, source: str) -> Any:
 
     table = scenario.server_optimizer
     return _model(ServerOptConfig, {"name": table.name, **table.options()}, source, "server_optimizer.")
+
+
+def adversary_config(scenario: Scenario, source: str) -> Any:
+    """The validated `[adversary]` table (fraction, behaviour and the behaviour's settings)."""
+    from .adversary import AdversaryConfig
+
+    return _model(AdversaryConfig, scenario.adversary, source, "adversary.")
 
 
 def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: AlgorithmConfig) -> None:
