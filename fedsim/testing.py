@@ -423,8 +423,9 @@ def check_aggregator(rule: Aggregator, *, num_clients: int = 6, atol: float = 1e
     `server_optimizer`; clients that all send the centre, the global params or a zero update, leave
     it unchanged); every cohort size from `min_clients` to `num_clients`; rounds up to 1000 with
     random staleness; weights (only relative example counts matter; neither counts nor the
-    proportions of coefficients if `uses_weights` is false); state (settings unchanged by calls; the `_` attributes saved after round 2, through
-    a checkpoint, give a fresh clone the same round 3).
+    proportions of coefficients if `uses_weights` is false); state (settings unchanged by calls;
+    the `_` attributes saved after round 2, through a checkpoint, give a fresh clone the same
+    round 3).
     """
     tags = _rule_tags(rule)
     n = max(num_clients, tags["min_clients"], 2)

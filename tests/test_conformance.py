@@ -321,12 +321,19 @@ def test_built_in_flow_resumes_to_the_same_curves_and_state(name):
 
 
 @pytest.mark.slow
-def test_flows_with_failures_resume_to_the_same_curves(tmp_path):
+def test_flows_with_failures_optimisers_and_rules_resume_to_the_same_curves(tmp_path):
     failures = {"churn_fraction": 0.5, "mean_up": 0.4, "mean_down": 0.2, "message_loss": 0.2}
     for raw in (FLOWS["fedbuff"], FLOWS["gossip"], FLOWS["dpsgd"]):
         raw = copy.deepcopy(raw)
         raw["system"]["failures"] = failures
         check_flow(raw["algorithm"]["name"], raw, rounds=4, resume_from=2)
+    # a server optimiser's moments and a rule on updates survive the resume too
+    adam = {**scenario({"name": "fedavg", "clients_per_round": 4}), "server_optimizer": {"name": "adam", "lr": 0.05}}
+    check_flow("fedavg", adam, rounds=4)
+    robust = {**copy.deepcopy(FLOWS["fedbuff"]), "aggregator": {"name": "trimmed_mean", "trim": 0.2},
+              "server_optimizer": {"name": "sgd", "lr": 1.0, "momentum": 0.9}}
+    robust["algorithm"].pop("server_lr", None)
+    check_flow("fedbuff", robust, rounds=4)
     path = tmp_path / "fedavg.toml"
     path.write_text(SMALL.replace("[system]", "[system.failures]\ncrash_fraction = 0.3\ncrash_round = 2\n\n[system]"))
     check_flow("fedavg", path, rounds=4)
