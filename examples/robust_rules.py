@@ -35,4 +35,8 @@ class TrimmedMean(Aggregator):
     def __call__(self, global_params: Params, batch: UpdateBatch, *, round: int) -> Params:
         n = len(batch)
         k = int(self.trim * n)
-        return {name: t.sort(dim=0).values[k : n - k].mean(dim=0) for name, t in batch.params.items()}
+        # Integer buffers (BatchNorm's num_batches_tracked) have no mean; their median is a client's count.
+        return {
+            name: t.sort(dim=0).values[k : n - k].mean(dim=0) if t.is_floating_point() else t.median(dim=0).values
+            for name, t in batch.params.items()
+        }

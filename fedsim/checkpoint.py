@@ -83,16 +83,60 @@ def _fields(obj: Any) -> dict[str, Any]:
     return dict(vars(obj))
 
 
+def require_state(flow: Any, name: str) -> None:
+    """Refuse, when the flow is built, a flow that no checkpoint could save.
+
+    Without a declaration the first checkpoint crashes with a traceback deep into a run, and a
+    declared name the flow lacks does the same; one line at build time names what to fix. (A
+    declaration that leaves out an attribute the flow needs is what `fedsim.testing.check_flow`
+    finds.)
+    """
+    from .errors import FedsimError
+
+    def fail(message: str) -> None:
+        raise FedsimError(f"algorithm '{name}': its flow {type(flow).__name__} {message}", key="algorithm.name")
+
+    state = getattr(flow, "STATE", None)
+    if state is None:
+        if not _has_state_methods(flow):
+            fail("declares no state: list the attributes a checkpoint must keep in STATE = (...), "
+                 "or define state_dict() and load_state_dict()")
+        return
+    if isinstance(state, str) or not isinstance(state, (tuple, list)) or not all(isinstance(a, str) for a in state):
+        fail(f"must declare STATE as a tuple of attribute names, got {state!r}")
+    for attr in state:
+        if not hasattr(flow, attr):
+            fail(f"declares {attr!r} in STATE but has no such attribute")
+        value = getattr(flow, attr)
+        if hasattr(value, "STATE"):  # a part with its own declaration (an event queue, a job pool)
+            require_state(value, name)
+
+
+def _has_state_methods(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _declares_state(obj: Any) -> bool:
+    return hasattr(obj, "STATE")
+
+
 def capture(obj: Any) -> dict[str, Any]:
-    """The attributes an object declares in `STATE`, nested into those that declare their own."""
+    """The attributes an object declares in `STATE`, nested into those that declare their own;
+    or, for an object without `STATE`, what its `state_dict()` returns."""
+    if not _declares_state(obj):
+        return {"__state_dict__": encode(obj.state_dict())}
     out = {}
     for name in obj.STATE:
         value = getattr(obj, name)
-        out[name] = {"__nested__": capture(value)} if hasattr(value, "STATE") else encode(value)
+        nested = _declares_state(value) or _has_state_methods(value)
+        out[name] = {"__nested__": capture(value)} if nested else encode(value)
     return out
 
 
 def restore(obj: Any, state: dict[str, Any]) -> None:
+    if "__state_dict__" in state:
+        obj.load_state_dict(decode(state["__state_dict__"]))
+        return
     for name, value in state.items():
         if isinstance(value, dict) and "__nested__" in value:
             restore(getattr(obj, name), value["__nested__"])

@@ -352,10 +352,12 @@ def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
     return specs
 
 
-def validate(raw: Mapping[str, Any], source: str, swept: dict[str, Any]) -> RunSpec:
+def validate(raw: Mapping[str, Any], source: str, swept: dict[str, Any], algorithm: AlgorithmSpec | None = None) -> RunSpec:
+    """One run's spec. `algorithm` stands in for the registry's entry for `[algorithm] name`, so that
+    `fedsim.testing.check_flow` can check a build function that is not registered."""
     scenario = _model(Scenario, raw, source, "")
     try:
-        spec = algorithm_spec(_known(registry.algorithms, scenario.algorithm.name, "algorithm.name"))
+        spec = algorithm or algorithm_spec(_known(registry.algorithms, scenario.algorithm.name, "algorithm.name"))
         algorithm_config = _model(spec.config, raw.get("algorithm", {"name": scenario.algorithm.name}), source, "algorithm.")
         _check_plugins(scenario)
         _check_consistency(scenario, spec, algorithm_config)
