@@ -60,7 +60,7 @@ class LazySyntheticData:
 
 
 def lazy_synthetic(cfg: Any, seed: int) -> LazySyntheticData:
-    if cfg.partition != "natural":
+    if cfg.partition not in ("natural", "auto"):
         raise DataError("a lazily generated Synthetic federation only supports partition = \"natural\"")
     x_test, y_test = held_out_test(seed, cfg.num_clients, cfg.test_size, cfg.synthetic_alpha, cfg.synthetic_beta)
     return LazySyntheticData(seed, cfg.num_clients, cfg.samples_per_client, cfg.synthetic_alpha, cfg.synthetic_beta, x_test, y_test)
