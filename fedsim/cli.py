@@ -87,13 +87,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.scenario:
         raise FedsimError("run: give a SCENARIO file, or --resume RUN_DIR")
     specs = load(args.scenario, args.overrides)
-    from .resources import check
+    from .preflight import preflight
 
     for spec in specs:
-        try:
-            check(spec, force=args.force)
-        except FedsimError as exc:
-            raise exc.located(file=spec.source) from None
+        preflight(spec, force=args.force, executor=args.executor, workers=args.workers)
     dirs = run_all(specs, args.out, options)
     for d in dirs:
         print(f"{d}: metrics.csv, summary.json, convergence.png")
@@ -103,9 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .preflight import preflight
     from .scenario import load
 
     specs = load(args.scenario, args.overrides)
+    for spec in specs:
+        preflight(spec, load_undescribed=True)
     print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''})")
     return 0
 

@@ -118,8 +118,10 @@ def test_ray_executor_counts_the_object_store(write_scenario):
     ray_text = SMALL.replace('executor = "inline"', 'executor = "ray"\nworkers = 3')
     ray = resources.estimate(spec_of(write_scenario, ray_text, "r.toml"))
     assert inline["object_store"] == 0 and ray["object_store"] > 0
-    assert ray["workers"] == 3 * inline["workers"]
+    # inline, the worker shares the driver's process; each Ray actor is a process of its own
+    assert ray["workers"] == 3 * (inline["workers"] + resources._PROCESS)
+    assert inline["driver"] == ray["driver"] >= resources._PROCESS
     # the command line's --executor / --workers win over [system]
     spec = spec_of(write_scenario, ray_text, "o.toml")
     assert resources.estimate(spec, executor="inline") == inline
-    assert resources.estimate(spec, workers=6)["workers"] == 6 * inline["workers"]
+    assert resources.estimate(spec, workers=6)["workers"] == 6 * (inline["workers"] + resources._PROCESS)

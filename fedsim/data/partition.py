@@ -27,18 +27,57 @@ def resolve(scheme: str, has_groups: bool) -> str:
     return scheme
 
 
+def precheck(cfg: Any, num_train: int, num_classes: int, natural_clients: int | None) -> None:
+    """The checks a partition can make from sizes alone, before any data is loaded.
+
+    `partition` runs them first, and `fedsim validate` runs them from the data set's `describe`,
+    so both report a split that cannot work with the same line. (Whether a Dirichlet draw leaves
+    every client `min_examples` is only known by drawing.)
+    """
+    num_clients = int(cfg.num_clients)
+    scheme = resolve(getattr(cfg, "partition", "iid"), natural_clients is not None)
+    base = max(int(getattr(cfg, "min_examples", 2)), 1)
+    if num_clients < 1:
+        raise DataError(f"need at least one client, got num_clients={num_clients}")
+    if num_clients > num_train:
+        raise DataError(
+            f"more clients ({num_clients}) than training examples ({num_train}); use fewer clients"
+        )
+    if scheme == "natural":
+        if natural_clients is None:
+            natural(None, num_clients)  # raises its 'no natural clients' line
+        elif natural_clients != num_clients:
+            raise DataError(
+                f"the data set has {natural_clients} natural clients but num_clients={num_clients}; "
+                f"set num_clients to {natural_clients}"
+            )
+    elif scheme == "shards":
+        per = int(getattr(cfg, "shards_per_client", 2))
+        if num_clients * per > num_train:
+            raise DataError(
+                f"{num_clients * per} shards ({num_clients} clients x {per}) but only "
+                f"{num_train} examples; use fewer clients or shards_per_client"
+            )
+    elif scheme in ("quantity", "dirichlet_sizes") and base * num_clients > num_train:
+        raise DataError(
+            f"{num_clients} clients with at least {base} examples each need {base * num_clients} "
+            f"examples, but there are {num_train}; use fewer clients"
+        )
+    elif scheme == "label_quantity" and int(getattr(cfg, "classes_per_client", 2)) > num_classes:
+        raise DataError(
+            f"label_quantity needs 1 <= classes_per_client <= {num_classes} (the classes "
+            f"present), got {int(getattr(cfg, 'classes_per_client', 2))}"
+        )
+
+
 def partition(pool: Any, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
     """Split `pool`'s training set among `cfg.num_clients` clients with scheme `cfg.partition`."""
     num_clients = int(cfg.num_clients)
     n = int(pool.y_train.shape[0])
     scheme = resolve(getattr(cfg, "partition", "iid"), pool.groups is not None)
     min_examples = int(getattr(cfg, "min_examples", 2))
-    if num_clients < 1:
-        raise DataError(f"need at least one client, got num_clients={num_clients}")
-    if num_clients > n:
-        raise DataError(
-            f"more clients ({num_clients}) than training examples ({n}); use fewer clients"
-        )
+    natural_clients = None if pool.groups is None else int(np.unique(pool.groups).shape[0])
+    precheck(cfg, n, int(np.unique(pool.y_train).shape[0]), natural_clients)
     if scheme == "iid":
         parts = iid(n, num_clients, rng)
     elif scheme == "dirichlet":
