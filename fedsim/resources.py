@@ -72,7 +72,7 @@ def estimate(spec: Any, *, executor: str | None = None, workers: int | None = No
 
     Components: `data` (the federation's arrays, at their peak), `model` (one copy of the
     parameters), `clients` (per-client and per-node state: decentralized methods keep one model per
-    node), `driver` (the coordinator's own copies), `workers` (each worker's model, optimiser and
+    node), `bookkeeping` (the per-client arrays every run keeps: speeds, links, ledger), `driver` (the coordinator's own copies), `workers` (each worker's model, optimiser and
     process), `object_store` (Ray's shared-memory copies of the data and a round's parameters; zero
     with the inline executor). All values are int bytes.
     """
@@ -108,7 +108,8 @@ def estimate(spec: Any, *, executor: str | None = None, workers: int | None = No
     parts = {
         "data": data_bytes,
         "model": model_bytes,
-        "clients": clients + n * _PER_CLIENT,
+        "clients": clients,
+        "bookkeeping": n * _PER_CLIENT,
         "driver": _DRIVER_COPIES * model_bytes + _PROCESS,
         "workers": worker_bytes,
         "object_store": object_store,
