@@ -68,12 +68,18 @@ BENCHMARK_CASES: dict[str, dict] = {
 }
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys
 from pathlib import Path
 from fedsim import resources
 from fedsim.coordinator import RunContext
 from fedsim.scenario import load, validate
 from fedsim.training import torch_threads
+
+def hwm(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 case, rounds = json.loads(sys.argv[1]), int(sys.argv[2])
 if "path" in case:
@@ -94,15 +100,10 @@ try:
         for a in getattr(ex, "actors", []):
             import ray
             actors.append(ray.get(a.pid.remote()))
-    def hwm(pid):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
     actor_peak = sum(hwm(p) for p in actors)
 finally:
     ctx.close()
-driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+driver = hwm("self")  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from a forking parent
 print("RESULT " + json.dumps({"estimate": estimate, "driver_peak": driver, "actor_peak": actor_peak,
                               "actors": len(actors)}))
 """

@@ -28,10 +28,12 @@ def preflight(
         info = _data(spec, load_undescribed)
         if info is not None:
             _partition(spec, info)
-        _topology(spec)
         from .resources import check
 
-        return check(spec, force=force, available=available, executor=executor, workers=workers)
+        # the estimate first: it is arithmetic, while a graph of a billion nodes would be built
+        parts = check(spec, force=force, available=available, executor=executor, workers=workers)
+        _topology(spec)
+        return parts
     except FedsimError as exc:
         raise exc.located(file=spec.source) from None
 
