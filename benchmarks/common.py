@@ -10,14 +10,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fedsim.coordinator import RunContext, RunOptions
+from fedsim.preflight import preflight
 from fedsim.scenario import validate
 from fedsim.training import torch_threads
 
 
 @contextmanager
 def built(raw: dict[str, Any], options: RunOptions = RunOptions()) -> Iterator[tuple[RunContext, Any, float]]:
-    """(context, flow, seconds to build them) for a scenario given as a dict; actors closed after."""
+    """(context, flow, seconds to build them) for a scenario given as a dict; actors closed after.
+
+    The scenario passes the checks `fedsim run` makes first (data, partition, topology, memory
+    estimate, without --force), so a benchmark that runs here would run from the command line.
+    """
     spec = validate(raw, "<benchmark>", {})
+    preflight(spec, executor=options.executor, workers=options.workers)
     start = time.perf_counter()
     ctx = RunContext(spec, options)
     try:

@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", choices=sorted(KINDS), help="which kind (default: all)")
 
     plot = sub.add_parser("plot", help="plot runs side by side, grouped by a scenario key")
-    plot.add_argument("runs", nargs="+", help="run folders, folders of runs, or runs.csv files")
+    plot.add_argument("runs", nargs="*", help="run folders, folders of runs, or runs.csv files")
+    plot.add_argument("--partition", metavar="SCENARIO",
+                      help="instead: draw each client's label distribution in SCENARIO's federation")
+    plot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="with --partition: override a scenario key")
     plot.add_argument("--by", default="algorithm.name", help="dotted scenario key to group by (default: algorithm.name)")
     plot.add_argument("--x", default="round", choices=["round", "sim_time", "bytes_sent", "wall_time"])
     plot.add_argument("--metric", default="test_accuracy", help="metrics.csv column (default: test_accuracy)")
@@ -83,13 +87,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.scenario:
         raise FedsimError("run: give a SCENARIO file, or --resume RUN_DIR")
     specs = load(args.scenario, args.overrides)
-    from .resources import check
+    from .preflight import preflight
 
     for spec in specs:
-        try:
-            check(spec, force=args.force)
-        except FedsimError as exc:
-            raise exc.located(file=spec.source) from None
+        preflight(spec, force=args.force, executor=args.executor, workers=args.workers)
     dirs = run_all(specs, args.out, options)
     for d in dirs:
         print(f"{d}: metrics.csv, summary.json, convergence.png")
@@ -99,9 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .preflight import preflight
     from .scenario import load
 
     specs = load(args.scenario, args.overrides)
+    for spec in specs:
+        preflight(spec, load_undescribed=True)
     print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''})")
     return 0
 
@@ -113,10 +117,28 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    if args.partition:
+        return _plot_partition(args)
+    if not args.runs:
+        raise FedsimError("plot: give run folders, or --partition SCENARIO")
     from .plotting import plot_runs
 
     out = plot_runs(args.runs, by=args.by, out=args.output, x=args.x, metric=args.metric, title=args.title)
     print(out)
+    return 0
+
+
+def _plot_partition(args: argparse.Namespace) -> int:
+    from .partition_plot import plot_partition
+    from .scenario import load
+
+    if args.runs:
+        raise FedsimError("plot --partition takes a scenario file alone, not run folders")
+    specs = load(args.partition, args.overrides)
+    out, stats = plot_partition(specs[0], args.output)
+    note = f" (the first of {len(specs)} sweep points)" if len(specs) > 1 else ""
+    print(f"{out}{note}: mean label entropy {stats['label_entropy_mean']:.3f} bits, "
+          f"mean EMD {stats['label_emd_mean']:.3f}")
     return 0
 
 

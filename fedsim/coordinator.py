@@ -26,6 +26,7 @@ from .client_state import ClientStates, StatefulExecutor
 from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
 from .data import FederatedData, build_federated_data
+from .data.heterogeneity import heterogeneity
 from .errors import FedsimError, ScenarioError
 from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec
 from .failures import FailureModel
@@ -376,6 +377,7 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         "wall_time": wall,
         **ctx.ledger.summary(),
         **(ctx.failures.summary() if ctx.failures.active else {}),
+        **heterogeneity(ctx.data, ctx.seed),
     }
     if ctx.spec.scenario.adversary is not None:
         summary["attackers"] = [int(c) for c in ctx.attackers]

@@ -4,9 +4,12 @@ The estimate is deliberately coarse (it counts the big arrays, not Python object
 large side: a run refused by mistake is one `--force` away, while a run that exhausts the machine's
 memory hours in is lost, and may take the machine down with it.
 
-Nothing here generates data or allocates a model: data sizes come from each data set's known shape,
-model sizes from the parameter count of a model built on PyTorch's "meta" device (shapes without
-storage), or from a closed-form count for the built-in models when even that is out of reach.
+Nothing here generates data or allocates a model: data sizes come from the data set's own
+`describe` (file headers, line counts; see `fedsim.data.base.DataInfo`), or for a lazily generated
+federation from its held-out set and client cache alone; model sizes from the parameter count of a
+model built on PyTorch's "meta" device (shapes without storage), or from a closed-form count for
+the built-in models when even that is out of reach. Constants were fitted against measured peaks
+(`benchmarks/memory_estimate.py`, which every shipped scenario and benchmark passes within 2x).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ GiB = 2**30
 # bytes of one float32 feature and one int64 label
 _FLOAT, _LABEL = 4, 8
 
-# Known data sets: (input shape, classes, train examples or None = from the scenario, test examples
-# or None = data.test_size, copies held at the peak). Fashion-MNIST keeps its decoded pool cached
-# beside the client-ordered copy, hence two copies; the synthetic pool is dropped after reordering
-# but both exist while the federation is built.
+# Data sets that cannot describe themselves (a plugin's, vader's): (input shape, classes, train
+# examples or None = from the scenario, test examples or None = data.test_size, copies held at the
+# peak). Fashion-MNIST keeps its decoded pool cached beside the client-ordered copy, hence two
+# copies; the synthetic pool is dropped after reordering but both exist while the federation is
+# built.
 _DATASETS: dict[str, tuple[tuple[int, ...], int, int | None, int | None, int]] = {
     "synthetic": ((60,), 10, None, None, 2),
     "fashion_mnist": ((1, 28, 28), 10, 60_000, 10_000, 2),
@@ -50,7 +54,12 @@ _ASYNC_COPIES_PER_CLIENT = 2
 # Per worker (Ray actor or the inline worker): model, gradients, optimiser state, job parameters,
 # plus the process itself (Python, torch and Ray imported).
 _WORKER_COPIES = 4
-_WORKER_PROCESS = 200 * 2**20
+# A Python process with torch, numpy, pandas (and Ray) imported: the driver always, and each Ray
+# actor (measured: 330 MiB after imports, 400-450 MiB once a run is going).
+_PROCESS = 400 * 2**20
+# Per client, whatever the method: simulated speeds and links, the ledger's counters, busy time,
+# sizes, the failure model's and the sampler's arrays (measured on a million clients).
+_PER_CLIENT = 160
 
 _MINILM_ENCODER = 22_565_376  # all-MiniLM-L6-v2 without the pooler: embeddings + 6 layers
 
@@ -63,14 +72,14 @@ def estimate(spec: Any, *, executor: str | None = None, workers: int | None = No
 
     Components: `data` (the federation's arrays, at their peak), `model` (one copy of the
     parameters), `clients` (per-client and per-node state: decentralized methods keep one model per
-    node), `driver` (the coordinator's own copies), `workers` (each worker's model, optimiser and
+    node), `bookkeeping` (the per-client arrays every run keeps: speeds, links, ledger), `driver` (the coordinator's own copies), `workers` (each worker's model, optimiser and
     process), `object_store` (Ray's shared-memory copies of the data and a round's parameters; zero
     with the inline executor). All values are int bytes.
     """
     s = spec.scenario
     cfg = spec.algorithm_config
     n = int(s.data.num_clients)
-    shape, classes, data_bytes = _data(s.data)
+    shape, classes, data_bytes, copies = _data(s.data, int(s.seed))
     model_bytes = _model_bytes(s.model.name, s.model.options(), shape, classes, int(s.seed))
 
     if spec.algorithm.needs_topology:
@@ -88,18 +97,20 @@ def estimate(spec: Any, *, executor: str | None = None, workers: int | None = No
 
     executor = executor or s.system.executor
     n_workers = 1 if executor == "inline" else _ray_workers(s.system, n, workers)
-    worker_bytes = n_workers * (_WORKER_COPIES * model_bytes + _WORKER_PROCESS)
+    # inline, the one worker lives in the driver's process; Ray starts a process per actor
+    worker_bytes = n_workers * (_WORKER_COPIES * model_bytes + (0 if executor == "inline" else _PROCESS))
     if executor == "inline":
         object_store = 0
     else:
         # the data set once, the round's shared parameters, and every result on its way back
-        object_store = data_bytes // _peak_copies(s.data) + shared + held * model_bytes
+        object_store = data_bytes // copies + shared + held * model_bytes
 
     parts = {
         "data": data_bytes,
         "model": model_bytes,
         "clients": clients,
-        "driver": _DRIVER_COPIES * model_bytes,
+        "bookkeeping": n * _PER_CLIENT,
+        "driver": _DRIVER_COPIES * model_bytes + _PROCESS,
         "workers": worker_bytes,
         "object_store": object_store,
     }
@@ -157,19 +168,33 @@ def mem_available() -> int | None:
 # components
 
 
-def _data(data: Any) -> tuple[tuple[int, ...], int, int]:
-    """(input shape, classes, bytes at the peak) of the scenario's data set."""
-    shape, classes, train, test, copies = _DATASETS.get(data.dataset, _GENERIC)
+def _data(data: Any, seed: int = 0) -> tuple[tuple[int, ...], int, int, int]:
+    """(input shape, classes, bytes at the peak, copies of the training arrays at the peak) of the
+    scenario's data set.
+
+    A lazily generated federation holds only its held-out set and a cache of recently generated
+    clients; a data set that describes itself gives its real sizes (a missing file raises its
+    one-line DataError here, as loading would); anything else falls back to `_DATASETS`.
+    """
+    from .data.base import describe
+    from .data.lazy import CACHE_CLIENTS, wants_lazy
+    from .data.synthetic import NUM_CLASSES, NUM_FEATURES
+
+    if data.dataset == "synthetic" and wants_lazy(data):
+        per_example = NUM_FEATURES * _FLOAT + _LABEL
+        cached = min(int(data.num_clients), CACHE_CLIENTS) * int(data.samples_per_client)
+        return (NUM_FEATURES,), NUM_CLASSES, (int(data.test_size) + cached) * per_example, 1
+    info = describe(data, seed)
+    if info is not None:
+        shape, classes, train, test, copies = info.input_shape, info.num_classes, info.num_train, info.num_test, info.copies
+    else:
+        shape, classes, train, test, copies = _DATASETS.get(data.dataset, _GENERIC)
     if train is None:
         train = int(data.num_clients) * int(data.samples_per_client)
     if test is None:
         test = int(data.test_size)
     per_example = math.prod(shape) * _FLOAT + _LABEL
-    return shape, classes, copies * train * per_example + test * per_example
-
-
-def _peak_copies(data: Any) -> int:
-    return _DATASETS.get(data.dataset, _GENERIC)[4]
+    return shape, classes, copies * train * per_example + test * per_example, max(int(copies), 1)
 
 
 def _model_bytes(name: str, options: dict[str, Any], shape: tuple[int, ...], classes: int, seed: int) -> int:

@@ -32,8 +32,12 @@ class Section(BaseModel):
 class DataConfig(Section):
     dataset: str = "synthetic"
     num_clients: int = Field(32, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "natural"
+    # auto: natural where the data set has its own clients, else dirichlet
+    partition: Literal["auto", "natural", "iid", "dirichlet", "dirichlet_sizes", "label_quantity", "shards",
+                       "quantity"] = "auto"
     alpha: float = Field(0.5, gt=0)
+    size_alpha: float = Field(1.0, gt=0)  # dirichlet_sizes: Dir concentration of client sizes
+    classes_per_client: int = Field(2, ge=1)  # label_quantity: k classes per client (NIID-Bench #C=k)
     shards_per_client: int = Field(2, ge=1)
     quantity_sigma: float = Field(1.0, ge=0)
     min_examples: int = Field(2, ge=1)

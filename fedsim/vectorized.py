@@ -28,8 +28,9 @@ def plan(model: nn.Module, trainer: object) -> tuple[SGDTrainer, list[str] | Non
     (None: all), or None when it cannot be. Plain SGD (momentum, weight decay, SAM) qualifies; a
     trainer that wraps SGD (LoRA's, which trains and returns the adapters only) says how through a
     `vectorized(model)` method. Models with buffers do not: BatchNorm statistics would need
-    per-client buffer updates inside vmap."""
-    if list(model.buffers()):
+    per-client buffer updates inside vmap; nor do models that opt out with a class attribute
+    `vectorize = False` (recurrent layers, whose fused kernels vmap runs client by client)."""
+    if list(model.buffers()) or getattr(model, "vectorize", True) is False:
         return None
     if type(trainer) is SGDTrainer:  # its local objective, if any, is vectorised with it
         return trainer, None

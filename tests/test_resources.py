@@ -118,8 +118,55 @@ def test_ray_executor_counts_the_object_store(write_scenario):
     ray_text = SMALL.replace('executor = "inline"', 'executor = "ray"\nworkers = 3')
     ray = resources.estimate(spec_of(write_scenario, ray_text, "r.toml"))
     assert inline["object_store"] == 0 and ray["object_store"] > 0
-    assert ray["workers"] == 3 * inline["workers"]
+    # inline, the worker shares the driver's process; each Ray actor is a process of its own
+    assert ray["workers"] == 3 * (inline["workers"] + resources._PROCESS)
+    assert inline["driver"] == ray["driver"] >= resources._PROCESS
     # the command line's --executor / --workers win over [system]
     spec = spec_of(write_scenario, ray_text, "o.toml")
     assert resources.estimate(spec, executor="inline") == inline
-    assert resources.estimate(spec, workers=6)["workers"] == 6 * inline["workers"]
+    assert resources.estimate(spec, workers=6)["workers"] == 6 * (inline["workers"] + resources._PROCESS)
+
+
+def _raw(**data):
+    cohort = min(50, data.get("num_clients", 50))
+    return {
+        "name": "m",
+        "data": {"dataset": "synthetic", "test_size": 1000, **data},
+        "model": {"name": "logreg"},
+        "algorithm": {"name": "fedavg", "clients_per_round": cohort, "lr": 0.05},
+        "system": {"executor": "inline"},
+    }
+
+
+def test_lazy_data_costs_its_test_set_and_cache_not_the_federation():
+    from fedsim.scenario import validate
+
+    million = resources.estimate(validate(_raw(num_clients=1_000_000, samples_per_client=50), "m", {}))
+    ten = resources.estimate(validate(_raw(num_clients=10_000_000, samples_per_client=50), "m", {}))
+    assert million["data"] == ten["data"] < 20 * 2**20  # held-out set and the client cache only
+    assert ten["bookkeeping"] == 10 * million["bookkeeping"]  # per-client arrays still grow
+    # benchmarks/scale.py's million-client run fits a small machine without --force
+    assert million["total"] < 1 * GiB
+    resources.check(validate(_raw(num_clients=1_000_000, samples_per_client=50), "m", {}), force=False, available=2 * GiB)
+    eager = resources.estimate(validate(_raw(num_clients=100_000, samples_per_client=40), "m", {}))
+    assert eager["data"] > 2 * 100_000 * 40 * (60 * 4 + 8)  # materialised: pool and client-ordered copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    {"name": "small", "raw": {**_raw(num_clients=12, samples_per_client=60), "model": {"name": "mlp", "hidden": [32]}}},
+    {"name": "eager", "raw": _raw(num_clients=20_000, samples_per_client=100)},  # 2 M examples, materialised
+    {"name": "lazy", "raw": {**_raw(num_clients=300_000, samples_per_client=50, lazy=True)}},
+    {"name": "ring", "raw": {**_raw(num_clients=3000, samples_per_client=20), "topology": {"name": "ring"},
+                             "algorithm": {"name": "dpsgd", "lr": 0.05, "eval_nodes": 8}}},
+    {"name": "shakespeare", "raw": {**_raw(num_clients=16), "data": {"dataset": "shakespeare", "num_clients": 16, "test_size": 500},
+                                    "model": {"name": "char_lstm", "hidden": 32}}},
+], ids=lambda c: c["name"])
+def test_estimate_is_within_2x_of_the_measured_peak(case):
+    """The estimate against the peak resident set of a fresh process that builds the run, trains
+    two rounds and evaluates (benchmarks/memory_estimate.py does the same for every shipped
+    scenario and benchmark)."""
+    from benchmarks.memory_estimate import measure
+
+    m = measure(case, rounds=2, timeout=600)
+    assert 0.5 <= m["ratio"] <= 2.0, (case["name"], m["estimate"]["total"] / GiB, m["peak"] / GiB)

@@ -9,7 +9,7 @@ handful of plain numpy arrays that Ray's object store can share between processe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -112,6 +112,50 @@ class FederatedData:
     def num_examples(self) -> np.ndarray:
         """Per-client sizes, the weights of sample-weighted aggregation."""
         return np.diff(self.offsets).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a data set will be for a scenario, found without building it: the sizes the memory
+    estimate needs and what `fedsim validate` checks a partition against.
+
+    `natural_clients` is the number of clients the 'natural' partition yields for this scenario
+    (None: the data set has no natural clients). `copies` is how many copies of the training
+    arrays exist at the peak of loading (a cached decode beside the client-ordered copy, ...).
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_train: int
+    num_test: int
+    natural_clients: int | None = None
+    copies: int = 2
+
+
+def describes(describe: Callable[[Any, int], DataInfo]) -> Callable[[Any], Any]:
+    """Attach `describe(cfg, seed) -> DataInfo` to a loader. Describing must be cheap (read
+    headers, count lines, never decode the data) and must raise the loader's own DataError when
+    a file is missing, so that `validate` reports exactly what `run` would."""
+
+    def attach(loader: Any) -> Any:
+        loader.describe = describe
+        return loader
+
+    return attach
+
+
+def describe(cfg: Any, seed: int) -> DataInfo | None:
+    """The scenario's DataInfo, or None when its loader (a plugin) cannot describe itself."""
+    from .. import registry
+
+    loader = registry.datasets.get(cfg.dataset)
+    fn = getattr(loader, "describe", None)
+    if fn is None:
+        return None
+    info = fn(cfg, seed)
+    if not isinstance(info, DataInfo):
+        raise DataError(f"data set '{cfg.dataset}': describe returned {type(info).__name__}, not a DataInfo")
+    return info
 
 
 def federate(pool: DataPool, parts: Sequence[np.ndarray]) -> FederatedData:

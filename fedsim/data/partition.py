@@ -2,7 +2,8 @@
 
 Each scheme returns one int64 index array per client into the pool's training set, and every
 example lands in exactly one client (none is dropped: 'shards' makes shard sizes differ by at most
-one instead of discarding a remainder). The schemes are separate small functions of plain arrays so
+one instead of discarding a remainder; the one exception is 'label_quantity' with fewer clients
+than classes, where the classes nobody holds are left out, as in NIID-Bench). The schemes are separate small functions of plain arrays so
 that a notebook or a test can call one without building a config.
 """
 
@@ -15,20 +16,68 @@ import numpy as np
 from ..errors import DataError, ScenarioError
 
 MAX_DIRICHLET_TRIES = 100
+SCHEMES = ("auto", "dirichlet", "dirichlet_sizes", "iid", "label_quantity", "natural", "quantity", "shards")
+
+
+def resolve(scheme: str, has_groups: bool) -> str:
+    """'auto': the data set's own clients when it has them, else Dirichlet label skew, so a data
+    set without writers or roles still runs with the default instead of failing on 'natural'."""
+    if scheme == "auto":
+        return "natural" if has_groups else "dirichlet"
+    return scheme
+
+
+def precheck(cfg: Any, num_train: int, num_classes: int, natural_clients: int | None) -> None:
+    """The checks a partition can make from sizes alone, before any data is loaded.
+
+    `partition` runs them first, and `fedsim validate` runs them from the data set's `describe`,
+    so both report a split that cannot work with the same line. (Whether a Dirichlet draw leaves
+    every client `min_examples` is only known by drawing.)
+    """
+    num_clients = int(cfg.num_clients)
+    scheme = resolve(getattr(cfg, "partition", "iid"), natural_clients is not None)
+    base = max(int(getattr(cfg, "min_examples", 2)), 1)
+    if num_clients < 1:
+        raise DataError(f"need at least one client, got num_clients={num_clients}")
+    if num_clients > num_train:
+        raise DataError(
+            f"more clients ({num_clients}) than training examples ({num_train}); use fewer clients"
+        )
+    if scheme == "natural":
+        if natural_clients is None:
+            natural(None, num_clients)  # raises its 'no natural clients' line
+        elif natural_clients != num_clients:
+            raise DataError(
+                f"the data set has {natural_clients} natural clients but num_clients={num_clients}; "
+                f"set num_clients to {natural_clients}"
+            )
+    elif scheme == "shards":
+        per = int(getattr(cfg, "shards_per_client", 2))
+        if num_clients * per > num_train:
+            raise DataError(
+                f"{num_clients * per} shards ({num_clients} clients x {per}) but only "
+                f"{num_train} examples; use fewer clients or shards_per_client"
+            )
+    elif scheme in ("quantity", "dirichlet_sizes") and base * num_clients > num_train:
+        raise DataError(
+            f"{num_clients} clients with at least {base} examples each need {base * num_clients} "
+            f"examples, but there are {num_train}; use fewer clients"
+        )
+    elif scheme == "label_quantity" and int(getattr(cfg, "classes_per_client", 2)) > num_classes:
+        raise DataError(
+            f"label_quantity needs 1 <= classes_per_client <= {num_classes} (the classes "
+            f"present), got {int(getattr(cfg, 'classes_per_client', 2))}"
+        )
 
 
 def partition(pool: Any, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
     """Split `pool`'s training set among `cfg.num_clients` clients with scheme `cfg.partition`."""
     num_clients = int(cfg.num_clients)
     n = int(pool.y_train.shape[0])
-    scheme = getattr(cfg, "partition", "iid")
+    scheme = resolve(getattr(cfg, "partition", "iid"), pool.groups is not None)
     min_examples = int(getattr(cfg, "min_examples", 2))
-    if num_clients < 1:
-        raise DataError(f"need at least one client, got num_clients={num_clients}")
-    if num_clients > n:
-        raise DataError(
-            f"more clients ({num_clients}) than training examples ({n}); use fewer clients"
-        )
+    natural_clients = None if pool.groups is None else int(np.unique(pool.groups).shape[0])
+    precheck(cfg, n, int(np.unique(pool.y_train).shape[0]), natural_clients)
     if scheme == "iid":
         parts = iid(n, num_clients, rng)
     elif scheme == "dirichlet":
@@ -39,11 +88,17 @@ def partition(pool: Any, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]
     elif scheme == "quantity":
         parts = quantity(n, num_clients, float(getattr(cfg, "quantity_sigma", 1.0)),
                          min_examples, rng)
+    elif scheme == "dirichlet_sizes":
+        parts = dirichlet_sizes(pool.y_train, num_clients, float(getattr(cfg, "alpha", 0.5)),
+                                float(getattr(cfg, "size_alpha", 1.0)), min_examples, rng)
+    elif scheme == "label_quantity":
+        parts = label_quantity(pool.y_train, num_clients, int(getattr(cfg, "classes_per_client", 2)),
+                               int(pool.num_classes), rng)
     elif scheme == "natural":
         parts = natural(pool.groups, num_clients)
     else:
         raise ScenarioError(
-            f"unknown partition '{scheme}' (known: dirichlet, iid, natural, quantity, shards)"
+            f"unknown partition '{scheme}' (known: {', '.join(SCHEMES)})"
         )
     _check_min_examples(parts, min_examples, scheme)
     return parts
@@ -110,6 +165,90 @@ def _dirichlet_once(
             chunks[k].append(piece)
             sizes[k] += piece.shape[0]
     return [np.sort(np.concatenate(ch)) if ch else np.zeros(0, np.int64) for ch in chunks]
+
+
+def dirichlet_sizes(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    size_alpha: float,
+    min_examples: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Skew in both label mix and size: sizes from Dir(size_alpha), each client's label mix from
+    Dir(alpha).
+
+    'dirichlet' ties a client's size to how its class draws happen to fall; here the two are
+    separate dials, as in FedLab's unbalanced Dirichlet partition (Zeng et al., 2023). Sizes are
+    `min_examples` plus a Dir(size_alpha) share of the rest (so they sum exactly to N); clients then
+    fill their quota class by class from their own Dir(alpha) mix, and a class that runs out
+    hands its share to the classes still available, so every example lands somewhere.
+    """
+    if alpha <= 0 or size_alpha <= 0:
+        raise DataError(f"dirichlet_sizes needs alpha > 0 and size_alpha > 0, got {alpha} and {size_alpha}")
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    base = max(min_examples, 1)
+    if base * num_clients > n:
+        raise DataError(
+            f"{num_clients} clients with at least {base} examples each need {base * num_clients} "
+            f"examples, but there are {n}; use fewer clients"
+        )
+    sizes = base + _apportion(n - base * num_clients, rng.dirichlet(np.full(num_clients, size_alpha)))
+    classes = np.unique(labels)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    used = np.zeros(classes.shape[0], dtype=np.int64)
+    total = np.array([p.shape[0] for p in pools], dtype=np.int64)
+    mixes = rng.dirichlet(np.full(classes.shape[0], alpha), size=num_clients)
+    parts: list[np.ndarray] = [np.zeros(0, np.int64)] * num_clients
+    for k in rng.permutation(num_clients):
+        need, taken = int(sizes[k]), []
+        while need > 0:
+            left = total - used
+            p = mixes[k] * (left > 0)
+            p = p / p.sum() if p.sum() > 0 else left / left.sum()
+            want = np.minimum(rng.multinomial(need, p), left)
+            for c in np.flatnonzero(want):
+                taken.append(pools[c][used[c] : used[c] + want[c]])
+                used[c] += want[c]
+            need -= int(want.sum())
+        parts[k] = np.sort(np.concatenate(taken)).astype(np.int64)
+    return parts
+
+
+def label_quantity(
+    labels: np.ndarray,
+    num_clients: int,
+    classes_per_client: int,
+    num_classes: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Label-quantity skew #C=k of NIID-Bench (Li et al., 2022): each client holds k classes.
+
+    Client i always holds class i mod C (so every class is held once there are at least C
+    clients) plus k - 1 others drawn at random; each class's examples are then split evenly
+    among the clients that hold it.
+    """
+    present = np.unique(labels)
+    if not 1 <= classes_per_client <= present.shape[0]:
+        raise DataError(
+            f"label_quantity needs 1 <= classes_per_client <= {present.shape[0]} (the classes "
+            f"present), got {classes_per_client}"
+        )
+    labels = np.asarray(labels)
+    held: list[list[int]] = []
+    for i in range(num_clients):
+        mine = [int(present[i % present.shape[0]])]
+        others = [int(c) for c in rng.permutation(present) if c != mine[0]]
+        held.append(mine + others[: classes_per_client - 1])
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in present:
+        owners = [i for i, h in enumerate(held) if int(c) in h]
+        if not owners:
+            continue
+        for i, piece in zip(owners, np.array_split(rng.permutation(np.flatnonzero(labels == c)), len(owners))):
+            chunks[i].append(piece)
+    return [np.sort(np.concatenate(ch)).astype(np.int64) for ch in chunks]
 
 
 def shards(
@@ -179,8 +318,8 @@ def natural(groups: np.ndarray | None, num_clients: int) -> list[np.ndarray]:
     """Keep the data set's own clients (writers, generating clients): the realistic split."""
     if groups is None:
         raise DataError(
-            "this data set has no natural clients; choose partition iid, dirichlet, shards "
-            "or quantity"
+            "this data set has no natural clients; choose partition auto, iid, dirichlet, "
+            "dirichlet_sizes, label_quantity, shards or quantity"
         )
     ids, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
     if ids.shape[0] != num_clients:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import register_dataset
-from .base import DataPool
+from .base import DataInfo, DataPool, describes
 
 NUM_FEATURES = 60
 NUM_CLASSES = 10
@@ -70,7 +70,14 @@ def held_out_test(
     return x, y
 
 
+def _describe(cfg: Any, seed: int) -> DataInfo:
+    num_clients = int(cfg.num_clients)
+    return DataInfo((NUM_FEATURES,), NUM_CLASSES, num_clients * int(getattr(cfg, "samples_per_client", 200)),
+                    int(getattr(cfg, "test_size", 2000)), natural_clients=num_clients, copies=2)
+
+
 @register_dataset("synthetic")
+@describes(_describe)
 def load_synthetic(cfg: Any, seed: int) -> DataPool:
     """Exactly `samples_per_client` examples per client, so size skew stays a partition choice."""
     num_clients = int(cfg.num_clients)

@@ -1,0 +1,91 @@
+"""What `fedsim run` checks before it starts, and `fedsim validate` checks too.
+
+One function for both commands, so that `validate` saying ok means `run` starts: the data set's
+files are there, the partition can split this data set this way, the topology can be built on
+this many nodes and is connected, and the memory estimate fits. Each check is cheap (headers and
+counts, a graph of N nodes, no training data decoded) except for data sets that cannot describe
+themselves, which `validate` loads in full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import FedsimError, ScenarioError
+
+
+def preflight(
+    spec: Any, *, force: bool = False, executor: str | None = None, workers: int | None = None,
+    available: int | None = None, load_undescribed: bool = False,
+) -> dict[str, int]:
+    """Raise the one-line error `run` would hit first; return the memory estimate (bytes by part).
+
+    `force` skips only the memory refusal (as `--force` does). `load_undescribed` builds the whole
+    federation for a data set without a `describe` (a plugin's): `validate` wants that certainty,
+    while `run` is about to build it anyway.
+    """
+    try:
+        info = _data(spec, load_undescribed)
+        if info is not None:
+            _partition(spec, info)
+        from .resources import check
+
+        # the estimate first: it is arithmetic, while a graph of a billion nodes would be built
+        parts = check(spec, force=force, available=available, executor=executor, workers=workers)
+        _topology(spec)
+        return parts
+    except FedsimError as exc:
+        raise exc.located(file=spec.source) from None
+
+
+def _data(spec: Any, load_undescribed: bool) -> Any:
+    from .data.base import build_federated_data, describe
+    from .data.lazy import wants_lazy
+
+    s = spec.scenario
+    if s.data.dataset == "synthetic" and wants_lazy(s.data):
+        if s.data.partition not in ("natural", "auto"):
+            raise ScenarioError('a lazily generated Synthetic federation only supports partition = "natural"',
+                                key="data.partition")
+        return None
+    try:
+        info = describe(s.data, s.seed)
+        if info is None and load_undescribed:
+            build_federated_data(s.data, s.seed)
+    except FedsimError as exc:
+        raise exc.located(key="data") from None
+    return info
+
+
+def _partition(spec: Any, info: Any) -> None:
+    from .data.partition import precheck
+
+    try:
+        precheck(spec.scenario.data, info.num_train, info.num_classes, info.natural_clients)
+    except FedsimError as exc:
+        raise exc.located(key="data.partition") from None
+
+
+def _topology(spec: Any) -> None:
+    """Build the run's graph as the run will (same seed) and require it connected."""
+    import inspect
+
+    from . import registry
+    from .errors import TopologyError
+    from .seeding import generator
+
+    s = spec.scenario
+    if s.topology is None:
+        return
+    from .topologies import build, require_connected
+
+    topo = s.topology
+    options = {"seed": int(generator(s.seed, "topology").integers(2**31)), **topo.options()}
+    try:
+        graph = build(topo.name, s.data.num_clients, **options)
+        require_connected(graph, f"{spec.algorithm_config.name} (gossip averaging)")
+        if topo.time_varying and "seed" not in inspect.signature(registry.topologies.get(topo.name)).parameters:
+            raise TopologyError(f"'{topo.name}' is not random, so it cannot vary over time", key="topology.time_varying")
+    except FedsimError as exc:
+        raise exc.located(key="topology") from None
+
