@@ -113,15 +113,6 @@ class SystemConfig(Section):
     on_divergence: Literal["stop", "drop"] = "stop"  # drop: non-finite updates are discarded
     divergence_factor: float = Field(100.0, gt=1)  # test loss above this x the initial one diverged
 
-    @model_validator(mode="after")
-    def _ray_only(self) -> "SystemConfig":
-        if self.executor == "inline":
-            for key in ("workers", "address", "clients_per_actor"):
-                if getattr(self, key) is not None:
-                    raise ValueError(f"{key} applies to the Ray executor, not executor = \"inline\" "
-                                     f"(remove it, or set executor = \"ray\" or \"auto\")")
-        return self
-
 
 class TrackingConfig(Section):
     """Where evaluation rows, the resolved scenario and the plots are sent besides the run folder."""
@@ -259,7 +250,7 @@ def declared_config(obj: Any) -> type[AlgorithmConfig] | None:
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, plugins: tuple[str, ...] | list[str] = ()) -> list[RunSpec]:
     """Read, override, expand and validate a scenario file: one RunSpec per sweep point."""
-    return load_raw(read_toml(path), str(path), overrides, plugins=plugins)
+    return load_raw(read_toml(path), str(path), overrides, plugins=plugins, copy_raw=False)
 
 
 def loads(text: str, source: str = "<scenario text>", overrides: list[str] | tuple[str, ...] = (),
@@ -271,11 +262,11 @@ def loads(text: str, source: str = "<scenario text>", overrides: list[str] | tup
         raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
     except RecursionError:
         raise ScenarioError("not a scenario: values nested too deeply to read", file=source) from None
-    return load_raw(raw, source, overrides, plugins=plugins)
+    return load_raw(raw, source, overrides, plugins=plugins, copy_raw=False)
 
 
 def load_raw(raw: Mapping[str, Any], source: str = "<scenario dict>", overrides: Any = (),
-             *, plugins: tuple[str, ...] | list[str] = ()) -> list[RunSpec]:
+             *, plugins: tuple[str, ...] | list[str] = (), copy_raw: bool = True) -> list[RunSpec]:
     """Override, expand and validate a scenario given as a dict (never modified).
 
     `overrides` are `--set` strings (`"algorithm.lr=0.1"`) or a dict of dotted keys to values
@@ -284,7 +275,13 @@ def load_raw(raw: Mapping[str, Any], source: str = "<scenario dict>", overrides:
     """
     if not isinstance(raw, Mapping):
         raise ScenarioError(f"expected a table (a dict) of scenario keys, got {type(raw).__name__}", file=source)
-    raw = copy.deepcopy(dict(raw))
+    if copy_raw:  # the caller's dict (a notebook's) is never modified
+        try:
+            raw = copy.deepcopy(dict(raw))
+        except RecursionError:
+            raise ScenarioError("not a scenario: tables nested too deeply", file=source) from None
+    else:
+        raw = dict(raw)
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
     for item in items:
         if isinstance(item, str):

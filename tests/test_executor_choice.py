@@ -82,11 +82,3 @@ def test_ray_flags_with_the_inline_executor_are_errors(write_scenario, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and str(path) in err[0]
     assert not (tmp_path / "out").exists()
-
-
-def test_ray_keys_with_an_inline_scenario_are_errors(write_scenario, capsys):
-    path = write_scenario(SMALL.replace('executor = "inline"', 'executor = "inline"\nworkers = 2'))
-    assert main(["validate", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f'fedsim: error: {path}: system: workers applies to the Ray executor, not executor = "inline" '
-                   '(remove it, or set executor = "ray" or "auto")']
