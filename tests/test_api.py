@@ -59,6 +59,8 @@ def test_a_sweep_returns_one_result_per_point_and_a_tidy_frame(tmp_path):
     assert tidy["algorithm.lr"].dtype == float  # typed as in the scenario, ready for groupby
     means = tidy.groupby("algorithm.lr")["test_accuracy"].mean()
     assert list(means.index) == [0.05, 0.2]
+    one_point = fedsim.run(SMALL.replace("rounds = 4", "rounds = 1") + "\n[sweep]\nseed = [7]\n", out=tmp_path / "one")
+    assert isinstance(one_point, SweepResult) and [r.swept for r in one_point] == [{"seed": 7}]
 
 
 def test_load_runs_takes_folders_runs_csv_and_adds_keys_that_differ(tmp_path):
