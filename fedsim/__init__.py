@@ -76,3 +76,7 @@ __all__ += [
     "FedAdagrad", "FedAdam", "FedYogi", "ServerOptConfig", "ServerSGD", "build_server_optimizer",
     "inner_product", "split_by_prefix", "squared_distance", "summarize_client_accuracy",
 ]
+
+from .api import RunResult, SweepResult, load_runs, run  # noqa: E402
+
+__all__ += ["RunResult", "SweepResult", "load_runs", "run"]

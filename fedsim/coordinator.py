@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -19,9 +20,7 @@ import networkx as nx
 import numpy as np
 import tomli_w
 from torch import nn
-from tqdm.auto import tqdm
-
-from . import __version__, checkpoint, vectorized
+from . import __version__, checkpoint, tracking, vectorized
 from .client_state import ClientStates, StatefulExecutor
 from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
@@ -36,6 +35,7 @@ from .models import build_model
 from .network import Network
 from .params import Params, UpdateBatch
 from .plotting import plot_run
+from .progress import Progress
 from .scenario import RunSpec, label
 from .seeding import generator
 from .system import SystemModel
@@ -58,6 +58,7 @@ class RunOptions:
     workers: int | None = None
     address: str | None = None
     progress: bool = True
+    position: tuple[int, int] | None = None  # (i, n): the i-th of a sweep's n runs, for the progress bar
 
 
 class RunContext:
@@ -106,6 +107,7 @@ class RunContext:
         self._executors: list[Executor] = []
         self._said_sequential = False
         self.client_states = ClientStates()
+        self._choice: Any = None  # the executor `auto` chose, decided once per run
 
     @property
     def aggregator(self) -> Aggregator | None:
@@ -162,10 +164,13 @@ class RunContext:
     def executor(self, trainer: Trainer) -> Executor:
         """An executor whose workers hold this run's data and model and train with `trainer`."""
         s = self.spec.scenario
+        from .plugins import module_dirs as plugin_dirs
+
+        plugins = tuple(s.plugins.modules) if s.plugins else ()
         spec = WorkerSpec(
             s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
             trainer, s.system.threads_per_worker, s.system.on_client_error, s.system.vectorize, s.system.chunk_size,
-            s.system.device, self._flipped_labels(),
+            s.system.device, plugins, plugin_dirs(plugins), self._flipped_labels(),
         )
         if s.system.device == "cuda":
             import torch
@@ -173,14 +178,14 @@ class RunContext:
             if not torch.cuda.is_available():
                 raise ScenarioError("expected a machine with a CUDA GPU (or device = \"auto\")", key="system.device",
                                     file=self.spec.source)
-        kind = self.options.executor or s.system.executor
+        choice = self.executor_choice()
         executor: Executor
-        if kind == "inline":
+        if choice.kind == "inline":
             executor = InlineExecutor(self.data, spec)
         else:
             executor = RayExecutor(
                 self.data, spec,
-                workers=self.options.workers or s.system.workers,
+                workers=choice.workers,
                 clients_per_actor=s.system.clients_per_actor,
                 address=self.options.address or s.system.address,
             )
@@ -197,6 +202,20 @@ class RunContext:
         if s.adversary is None or s.adversary.get("behaviour") != "label_flip":
             return ()
         return tuple(int(c) for c in self.attackers)
+
+    def executor_choice(self) -> Any:
+        """Inline or Ray for this run; `auto` is decided (and said, in one line) on first use."""
+        if self._choice is None:
+            from .executor_choice import choose
+
+            o = self.options
+            self._choice = choose(
+                self.spec, o.executor, o.workers, o.address, num_params=sum(p.numel() for p in self.init_params.values()),
+                mean_examples=float(np.mean(self.data.num_examples())), num_clients=self.data.num_clients,
+            )
+            if (o.executor or self.spec.scenario.system.executor) == "auto":
+                print(self._choice.line(), file=sys.stderr)
+        return self._choice
 
     def evaluate(self, params: Params) -> tuple[float, float]:
         """Test accuracy and loss of `params`, computed with the workers' fixed thread count."""
@@ -266,6 +285,9 @@ def run(
     start = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
     history = History(run_dir / "metrics.csv", rows)
     ctx = RunContext(spec, options)
+    trackers = tracking.open_trackers(spec, run_dir, rows)  # none without a [tracking] table
+    history.observers += trackers
+    completed = False
     # Server-side tensor work (aggregation, mixing, evaluation) runs with the fixed thread count
     # too: idle OpenMP threads spin for a while after each op, which on a small machine steals the
     # cores the actors are training on.
@@ -282,27 +304,30 @@ def run(
                 first = int(saved["round"]) + 1
             else:
                 _record(history, ctx, flow, 0, {}, start)
-            bar = tqdm(total=s.rounds, initial=first - 1, desc=spec.run_name, unit="round",
-                       disable=None if options.progress else True)
+            bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
             with bar:
                 for r in range(first, s.rounds + 1):
                     train_metrics = flow.step(r)
                     out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
                     if r % s.eval_every == 0 or r == s.rounds or out_of_time:
                         row = _record(history, ctx, flow, r, train_metrics, start)
-                        bar.set_postfix(acc=f"{row['test_accuracy']:.3f}", refresh=False)
+                        bar.evaluated(row)
                         evaluations = len(history.rows) - 1
                         if s.checkpoint_every and evaluations % s.checkpoint_every == 0:
                             save_checkpoint(ckpt_path, spec, ctx, flow, history, r)
-                    bar.update(1)
+                    bar.advance()
                     if out_of_time:
                         break
+            completed = True
         except FedsimError as exc:
             raise exc.located(file=spec.source) from None
         finally:
             ctx.close()
+            if not completed:
+                tracking.finish_trackers(trackers, run_dir, failed=True)
     write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
     plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
+    tracking.finish_trackers(trackers, run_dir)
     ckpt_path.unlink(missing_ok=True)  # only a run that stopped early needs one
     return run_dir
 
@@ -418,8 +443,8 @@ def run_all(specs: list[RunSpec], out: str | Path = "runs", options: RunOptions 
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     dirs = []
-    for spec in specs:
-        run_dir = run(spec, out, options)
+    for i, spec in enumerate(specs):
+        run_dir = run(spec, out, replace(options, position=(i + 1, len(specs))))
         dirs.append(run_dir)
         rows.append({"run_dir": run_dir.name, **{k: label(v) for k, v in spec.swept.items()}})
         if any(s.swept for s in specs):

@@ -41,6 +41,8 @@ class WorkerSpec:
     vectorize: bool | None = None
     chunk_size: int = 64
     device: str = "auto"
+    plugins: tuple[str, ...] = ()  # [plugins] modules, imported first: they may register the model
+    plugin_dirs: tuple[str, ...] = ()  # where the driver found them
     label_flip: tuple[int, ...] = ()  # attackers that train on labels C - 1 - y
 
 
@@ -50,6 +52,10 @@ class Worker:
     def __init__(self, data: FederatedData, spec: WorkerSpec):
         self.data = data
         self.spec = spec
+        if spec.plugins:
+            from .plugins import import_modules
+
+            import_modules(spec.plugins, spec.plugin_dirs)
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
         self.plan = vectorized.plan(self.model, spec.trainer)
         supported = self.plan is not None

@@ -11,17 +11,26 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Protocol
 
 import pandas as pd
 
 BASE_COLUMNS = ["round", "sim_time", "wall_time", "test_accuracy", "test_loss", "train_loss", "bytes_sent"]
 
 
+class RowObserver(Protocol):
+    """Hears every row once it is on disk (experiment trackers, progress lines): the one place
+    where everything a run records passes, so observers never need hooks in the algorithms."""
+
+    def row(self, row: dict[str, Any]) -> None: ...
+
+
 class History:
-    def __init__(self, path: str | Path, rows: list[dict[str, Any]] | None = None):
-        """A new file, or (resuming) one holding exactly `rows`."""
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]] | None = None,
+                 observers: Iterable[RowObserver] = ()):
+        """A new file, or (resuming) one holding exactly `rows`. Observers hear only new rows."""
         self.path = Path(path)
+        self.observers = list(observers)
         self.rows: list[dict[str, Any]] = list(rows or [])
         self.columns: list[str] = list(BASE_COLUMNS)
         for row in self.rows:
@@ -34,10 +43,12 @@ class History:
         if new:
             self.columns += new
             self._write_all()
-            return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow(_clean(row))
-            f.flush()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(_clean(row))
+                f.flush()
+        for observer in self.observers:
+            observer.row(row)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=self.columns)

@@ -87,10 +87,7 @@ def _import_object(spec: str, kind: str, registry: "Registry[Any]") -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or module_name.startswith(".") or not attr or not attr.isidentifier():
         raise UnknownNameError(f"'{spec}' is not 'package.module:Name' (an absolute module and a name)")
-    top = module_name.split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        raise UnknownNameError(f"'{spec}' names the standard library module '{top}', which holds no fedsim "
-                               f"{kind}; a plug-in lives in your own module")
+    refuse_standard_library(module_name, f"'{spec}'", f"holds no fedsim {kind}")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
@@ -107,6 +104,16 @@ def _import_object(spec: str, kind: str, registry: "Registry[Any]") -> Any:
             + (" or annotate its first parameter with an AlgorithmConfig subclass" if kind == "algorithm" else "")
         )
     return obj
+
+
+def refuse_standard_library(module_name: str, what: str, why: str = "holds no fedsim plug-in") -> None:
+    """A scenario (or a shared command line) naming a standard-library module is refused: such a
+    module is never a fedsim plug-in, and importing or calling into it (`os`, `subprocess`) is how
+    a shared file would run commands."""
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise UnknownNameError(f"{what} names the standard library module '{top}', which {why}; "
+                               "a plug-in lives in your own module")
 
 
 def _declares(obj: Any, kind: str, registry: "Registry[Any]") -> bool:

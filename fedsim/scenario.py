@@ -100,7 +100,7 @@ class FailuresConfig(Section):
 
 
 class SystemConfig(Section):
-    executor: Literal["inline", "ray"] = "ray"
+    executor: Literal["auto", "inline", "ray"] = "auto"  # auto: inline unless more workers pay (executor_choice)
     workers: int | None = Field(None, ge=1)
     clients_per_actor: int | None = Field(None, ge=1)
     address: str | None = None
@@ -116,6 +116,21 @@ class SystemConfig(Section):
     on_client_error: Literal["stop", "drop"] = "stop"  # drop: the client's job counts as a failure
     on_divergence: Literal["stop", "drop"] = "stop"  # drop: non-finite updates are discarded
     divergence_factor: float = Field(100.0, gt=1)  # test loss above this x the initial one diverged
+
+
+class TrackingConfig(Section):
+    """Where evaluation rows, the resolved scenario and the plots are sent besides the run folder."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    experiment: str | None = None  # MLflow experiment / W&B project (default: the scenario's name)
+    mlflow_uri: str | None = None  # default: a file store in OUT/mlruns
+    wandb_mode: Literal["offline", "online"] = "offline"
+
+
+class PluginsConfig(Section):
+    """Modules imported before anything is looked up, so that the names they register work."""
+
+    modules: list[str] = []
 
 
 class NamedSection(BaseModel):
@@ -149,6 +164,8 @@ class Scenario(Section):
     server_optimizer: NamedSection | None = None  # how the server steps after the rule (FedOpt)
     adversary: dict[str, Any] | None = None  # Byzantine clients (fedsim.adversary.AdversaryConfig)
     system: SystemConfig = SystemConfig()
+    tracking: TrackingConfig | None = None
+    plugins: PluginsConfig | None = None
     sweep: dict[str, list[Any]] | None = None
 
 
@@ -236,14 +253,75 @@ def declared_config(obj: Any) -> type[AlgorithmConfig] | None:
 # loading
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[RunSpec]:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, plugins: tuple[str, ...] | list[str] = ()) -> list[RunSpec]:
     """Read, override, expand and validate a scenario file: one RunSpec per sweep point."""
-    source = str(path)
-    raw = read_toml(path)
-    for item in overrides:
-        key, value = parse_override(item, source)
+    return load_raw(read_toml(path), str(path), overrides, plugins=plugins, copy_raw=False)
+
+
+def loads(text: str, source: str = "<scenario text>", overrides: list[str] | tuple[str, ...] = (),
+          *, plugins: tuple[str, ...] | list[str] = ()) -> list[RunSpec]:
+    """Like `load`, from TOML text (a notebook cell's triple-quoted string)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
+    except RecursionError:
+        raise ScenarioError("not a scenario: values nested too deeply to read", file=source) from None
+    return load_raw(raw, source, overrides, plugins=plugins, copy_raw=False)
+
+
+def load_raw(raw: Mapping[str, Any], source: str = "<scenario dict>", overrides: Any = (),
+             *, plugins: tuple[str, ...] | list[str] = (), copy_raw: bool = True) -> list[RunSpec]:
+    """Override, expand and validate a scenario given as a dict (never modified).
+
+    `overrides` are `--set` strings (`"algorithm.lr=0.1"`) or a dict of dotted keys to values
+    (`{"algorithm.lr": 0.1}`); `plugins` are module names added to `[plugins] modules`, so that
+    the resolved scenario.toml records them and `--resume` imports them again.
+    """
+    if not isinstance(raw, Mapping):
+        raise ScenarioError(f"expected a table (a dict) of scenario keys, got {type(raw).__name__}", file=source)
+    if copy_raw:  # the caller's dict (a notebook's) is never modified
+        try:
+            raw = copy.deepcopy(dict(raw))
+        except RecursionError:
+            raise ScenarioError("not a scenario: tables nested too deeply", file=source) from None
+    else:
+        raw = dict(raw)
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    for item in items:
+        if isinstance(item, str):
+            key, value = parse_override(item, source)
+        else:
+            key, value = item
         set_dotted(raw, key, value, source)
+    if plugins:
+        table = raw.setdefault("plugins", {})
+        if not isinstance(table, dict):
+            raise ScenarioError("expected a table", file=source, key="plugins")
+        listed = table.get("modules", [])
+        if not isinstance(listed, list):
+            raise ScenarioError("expected a list of module names", file=source, key="plugins.modules")
+        table["modules"] = listed + [m for m in plugins if m not in listed]
     return expand(raw, source)
+
+
+def _import_plugins(raw: Mapping[str, Any], source: str) -> None:
+    """Import `[plugins] modules` before anything is validated: the names they register must be
+    known when the scenario's tables are checked."""
+    table = raw.get("plugins")
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ScenarioError("expected a table", file=source, key="plugins")
+    modules = table.get("modules", [])
+    if not isinstance(modules, list):
+        raise ScenarioError("expected a list of module names", file=source, key="plugins.modules")
+    from .plugins import import_modules
+
+    try:
+        import_modules(modules)
+    except FedsimError as exc:
+        raise exc.located(file=source, key="plugins.modules") from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -324,6 +402,7 @@ def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
     optional `label` naming it), for comparisons whose points differ in several keys at once, such
     as a server method against a graph method that needs a [topology].
     """
+    _import_plugins(raw, source)
     sweep = raw.get("sweep")
     if sweep is None:
         return [validate(raw, source, {})]

@@ -188,9 +188,10 @@ def test_async_methods_identical_across_executors(ray_session, write_scenario, t
         text = text.replace("round_seconds = 1.0", "round_seconds = 1.0\nlocal_steps = 4")
     path = write_scenario(text)
     frames = []
-    for executor, workers in [("inline", "1"), ("ray", "1"), ("ray", "2")]:
+    for executor, workers in [("inline", None), ("ray", "1"), ("ray", "2")]:
         out = tmp_path / f"{executor}{workers}"
-        assert main(["run", str(path), "--out", str(out), "--no-progress", "--executor", executor, "--workers", workers]) == 0
+        count = ["--workers", workers] if workers else []  # --workers with inline is an error
+        assert main(["run", str(path), "--out", str(out), "--no-progress", "--executor", executor, *count]) == 0
         frames.append(pd.read_csv(out / "async" / "metrics.csv").drop(columns="wall_time"))
     pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
     pd.testing.assert_frame_equal(frames[0], frames[2], check_exact=True)
