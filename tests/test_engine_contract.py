@@ -158,47 +158,9 @@ def test_a_deadline_that_finds_nobody_leaves_the_model_unchanged(tmp_path):
     ctx.close()
 
 
-# --- a stateful method with a local objective, written as a plug-in author would -------------
+from tests.plugin_counting import EXTRAS, Counting  # noqa: E402  (registers test_counting)
 
-
-class Counting:
-    """A proximal term whose client state counts the client's jobs; the count travels as an extra."""
-
-    def __init__(self, mu: float):
-        self.mu = mu
-
-    def loss(self, w, start, inputs):
-        return 0.5 * self.mu * sum(((w[n] - start[n]) ** 2).sum() for n in w)
-
-    def initial_state(self, start):
-        return {"jobs": torch.zeros(())}
-
-    def after(self, start, end, inputs, steps, lr):
-        jobs = inputs["jobs"] + 1
-        return {"jobs": jobs}, {"jobs": jobs}
-
-
-class CountingConfig(LocalSGDConfig):
-    clients_per_round: int = 4
-    mu: float = 0.0
-
-
-EXTRAS: list[torch.Tensor] = []
-
-
-class Recorder(Aggregator):
-    def __call__(self, global_params, batch, *, round):
-        EXTRAS.append(batch.extras["jobs"].clone())
-        return WeightedMean()(global_params, batch, round=round)
-
-
-@register_algorithm("test_counting")
-def counting(cfg: CountingConfig, ctx: RunContext) -> ServerRounds:
-    trainer = SGDTrainer.from_config(cfg, objective=Counting(cfg.mu))
-    return ServerRounds(ctx, trainer=trainer, aggregator=ctx.rule(Recorder()), clients_per_round=cfg.clients_per_round)
-
-
-COUNTING = SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "test_counting"')
+COUNTING = SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "test_counting"') + '\n[plugins]\nmodules = ["tests.plugin_counting"]\n'
 
 
 def test_client_state_is_kept_by_the_engine_and_extras_reach_the_rule(tmp_path):
