@@ -294,6 +294,8 @@ def run(
     with torch_threads(s.system.threads_per_worker):
         try:
             flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
+            if s.checkpoint_every:  # a flow that no checkpoint could save is refused now, not mid-run
+                checkpoint.require_state(flow, spec.algorithm_config.name)
             if s.aggregator is not None and not ctx.rule_used:
                 raise ScenarioError(f"algorithm '{spec.algorithm_config.name}' has no merge step that a rule can "
                                     "replace: remove the [aggregator] table", key="aggregator")

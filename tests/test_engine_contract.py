@@ -307,3 +307,31 @@ def test_a_server_optimiser_where_there_is_no_global_model_is_refused(tmp_path, 
     path.write_text(SMALL + '\n[server_optimizer]\nname = "sgd"\nbeta1 = 0.9\n')
     assert main(["validate", str(path)]) == 2
     assert "does not apply to server optimizer 'sgd'" in capsys.readouterr().err
+
+
+class Undeclared:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def step(self, round):
+        return {"train_loss": 0.0}
+
+    def evaluate(self):
+        return {"test_accuracy": 0.0, "test_loss": 1.0}
+
+
+class UndeclaredConfig(LocalSGDConfig):
+    pass
+
+
+@register_algorithm("test_undeclared")
+def undeclared(cfg: UndeclaredConfig, ctx: RunContext) -> Undeclared:
+    return Undeclared(ctx)
+
+
+def test_a_flow_without_declared_state_is_refused_when_built(tmp_path, capsys):
+    path = tmp_path / "u.toml"
+    path.write_text(SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "test_undeclared"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "declares no state" in err[0], err
