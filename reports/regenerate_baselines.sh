@@ -8,6 +8,8 @@ FEDSIM=${FEDSIM:-.venv/bin/fedsim}
 PY=${PY:-.venv/bin/python}
 R=reports/runs/baselines
 rm -rf "$R"
+mkdir -p "$R"
+git rev-parse --short HEAD > "$R/commit.txt"   # the fedsim commit the runs ran on (the report names it)
 "$FEDSIM" run scenarios/baselines.toml --out "$R" --no-progress
 find "$R" \( -name convergence.png -o -name checkpoint.pt \) -delete
 "$PY" reports/baselines_tables.py

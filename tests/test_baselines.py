@@ -431,3 +431,18 @@ def test_stateful_methods_give_identical_curves_on_ray(method, tmp_path, ray_ses
     inline = run_rows(tmp_path, STATEFUL[method], "inline")
     ray = run_rows(tmp_path, STATEFUL[method].replace('executor = "inline"', 'executor = "ray"\nworkers = 2'), "ray")
     pd.testing.assert_frame_equal(inline, ray, check_exact=True)
+
+
+def test_ditto_personal_steps_start_from_and_pull_towards_the_downloaded_model(tmp_path):
+    ctx, flow = build(tmp_path, scenario("ditto", "lam = 0.5"))
+    first = set(flow.sample(1).tolist())
+    flow.step(1)
+    downloaded = {k: v.clone() for k, v in flow.params.items()}  # w^1, what round 2's clients receive
+    new = [c for c in flow.sample(2).tolist() if c not in first]
+    assert new, "round 2 must sample a client that round 1 did not"
+    flow.step(2)
+    personal = SGDTrainer(lr=0.1, batch_size=16, objective=DittoPersonal(0.5))
+    for c in new:  # v_k starts as w^1 and is regularised towards w^1
+        out = personal.train(ctx.model, downloaded, *ctx.data.client(c), TrainJob(c, 2), generator(ctx.seed, "train", c, 2))
+        assert all(torch.allclose(ctx.client_states.states[c][PERSONAL + n], out.state[PERSONAL + n], atol=1e-5) for n in downloaded)
+    ctx.close()
