@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 import tomli_w
 from torch import nn
-from . import __version__, checkpoint, tracking, vectorized
+from . import __version__, checkpoint, tracking
 from .client_state import ClientStates, StatefulExecutor
 from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
@@ -105,7 +105,7 @@ class RunContext:
             options = {"seed": int(self.generator("topology").integers(2**31)), **topo.options()}
             self.graph = _located(lambda: build(topo.name, self.data.num_clients, **options), spec, "topology")
         self._executors: list[Executor] = []
-        self._said_sequential = False
+        self.training_paths: list[dict[str, Any]] = []  # how each executor's clients trained (summary.json)
         self.client_states = ClientStates()
         self._choice: Any = None  # the executor `auto` chose, decided once per run
 
@@ -189,11 +189,7 @@ class RunContext:
                 clients_per_actor=s.system.clients_per_actor,
                 address=self.options.address or s.system.address,
             )
-        self._executors.append(executor)
-        if spec.vectorize is not False and not self._said_sequential and vectorized.plan(self.model, trainer) is None:
-            self._said_sequential = True
-            reason = "the model has buffers" if list(self.model.buffers()) else f"{type(trainer).__name__} has no vectorised form"
-            print(f"fedsim: clients train one after another ({reason})")
+        self._executors.append(executor)  # it says, once, how its clients train (vectorised or not, why)
         return StatefulExecutor(executor, self.client_states)
 
     def _flipped_labels(self) -> tuple[int, ...]:
@@ -251,6 +247,7 @@ class RunContext:
             checkpoint.restore(self.server_optimizer, state["server_optimizer"])
 
     def close(self) -> None:
+        self.training_paths += [e.path.as_dict() for e in self._executors if getattr(e, "path", None) is not None]
         for executor in self._executors:
             executor.close()
         self._executors.clear()
@@ -405,6 +402,7 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         **ctx.ledger.summary(),
         **(ctx.failures.summary() if ctx.failures.active else {}),
         **heterogeneity(ctx.data, ctx.seed),
+        "training": ctx.training_paths,  # vectorised or one after another, and why, per executor
     }
     if ctx.spec.scenario.adversary is not None:
         summary["attackers"] = [int(c) for c in ctx.attackers]

@@ -17,13 +17,15 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from . import vectorized
+from . import training_path, vectorized
 from .data import FederatedData
 from .models import build_model
 from .errors import ClientError
 from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
+from .stacked_linear import LinearStack
 from .training import ClientResult, TrainJob, Trainer, TrainOutput, torch_threads
+from .training_path import TrainingPath, calibrate
 
 
 @dataclass(frozen=True)
@@ -58,21 +60,57 @@ class Worker:
             import_modules(spec.plugins, spec.plugin_dirs)
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
         self.plan = vectorized.plan(self.model, spec.trainer)
+        self.stack = LinearStack.of(self.model, tuple(spec.input_shape)) if self.plan is not None else None
         supported = self.plan is not None
-        self.vectorize = supported if spec.vectorize is None else (spec.vectorize and supported)
         cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+        self.path: TrainingPath | None = None  # decided on the first jobs unless forced or unsupported
+        if not supported:
+            why = "the model has buffers" if list(self.model.buffers()) else f"{type(spec.trainer).__name__} has no vectorised form"
+            self.path = TrainingPath(False, why)
+        elif spec.vectorize is not None:
+            self.path = TrainingPath(spec.vectorize, f"system.vectorize = {str(spec.vectorize).lower()}", self.engine)
+        elif cuda:
+            self.path = TrainingPath(True, "a GPU: one batched computation per chunk keeps it busy", self.engine)
+        self.vectorize = supported and (self.path is None or self.path.vectorize)
         self.device = torch.device("cuda" if cuda and self.vectorize else "cpu")
         if self.device.type == "cuda":
             self.model.to(self.device)  # functional_call reads the module's structure there
 
-    def run(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> list[ClientResult]:
+    @property
+    def engine(self) -> str:
+        """How a vectorised chunk computes its gradients."""
+        return "stacked MLP backward" if self.stack is not None else "vmap"
+
+    def run(
+        self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None,
+        vectorize: bool | None = None,
+    ) -> list[ClientResult]:
+        """Train `jobs` from `shared`. `vectorize` is the path the executor decided for every
+        worker; None: this worker's own decision (calibrated on these jobs the first time)."""
         tensors = from_numpy(shared)
         if payload:  # the round's payload reaches each trainer with the job's own inputs
             extra = from_numpy(payload)
             jobs = [replace(j, inputs={**extra, **j.inputs}) for j in jobs]
-        if self.vectorize:
+        if vectorize is None:
+            vectorize = self.decide(tensors, jobs).vectorize
+        if vectorize and self.plan is not None:
             return self._run_vectorized(tensors, jobs)
         return self._run_sequential(tensors, jobs)
+
+    def decide(self, tensors: Params, jobs: Sequence[TrainJob]) -> "TrainingPath":
+        """Vectorised or one client after another, whichever is faster here (see `calibrate`)."""
+        if self.path is None:
+            self.path = calibrate(self, tensors, jobs)
+            self.vectorize = self.path.vectorize
+        return self.path
+
+    def decide_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> "TrainingPath":
+        """`decide` from what an actor receives (the Ray executor asks one actor for all)."""
+        tensors = from_numpy(shared)
+        if payload:
+            extra = from_numpy(payload)
+            jobs = [replace(j, inputs={**extra, **j.inputs}) for j in jobs]
+        return self.decide(tensors, jobs)
 
     def _train_one(self, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob) -> TrainOutput:
         rng = generator(self.spec.seed, "train", job.client_id, job.round)
@@ -99,29 +137,36 @@ class Worker:
         return results
 
     def _run_vectorized(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
-        """Chunks of at most `chunk_size` jobs, each trained as one batched computation."""
-        results = []
+        """Chunks of at most `chunk_size` jobs, each trained as one batched computation. Jobs are
+        grouped by step count first, so that a chunk rarely waits for one long client (a client's
+        numbers do not depend on which clients share its chunk); results keep the jobs' order."""
+        sgd, names = self.plan  # type: ignore[misc]
+        data = [self.client_data(j.client_id) for j in jobs]
+        steps = [sgd.num_steps(len(y), j) for (_, y), j in zip(data, jobs)]
+        order = sorted(range(len(jobs)), key=steps.__getitem__)
+        results: list[ClientResult | None] = [None] * len(jobs)
         size = self.spec.chunk_size
         with torch_threads(self.spec.threads):
             for start in range(0, len(jobs), size):
-                chunk = jobs[start : start + size]
+                picked = order[start : start + size]
+                chunk = [jobs[i] for i in picked]
                 params = [tensors if j.row is None else {k: v[j.row] for k, v in tensors.items()} for j in chunk]
-                data = [self.client_data(j.client_id) for j in chunk]
                 rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]
                 try:
-                    sgd, names = self.plan  # type: ignore[misc]
-                    trained = vectorized.train_chunk(self.model, sgd, params, data, chunk, rngs, self.device)
+                    trained = vectorized.train_chunk(self.model, sgd, params, [data[i] for i in picked], chunk, rngs,
+                                                     self.device, self.stack)
                     if names is not None:
                         for out in trained:
                             out.params = {n: out.params[n] for n in names}
                 except Exception:  # find the client to blame (or drop) one by one
-                    results += self._run_sequential(tensors, chunk)
+                    for i, result in zip(picked, self._run_sequential(tensors, chunk)):
+                        results[i] = result
                     continue
-                for job, (x, y), out in zip(chunk, data, trained):
+                for i, job, out in zip(picked, chunk, trained):
                     if not math.isfinite(out.train_loss):  # parameters were checked per chunk
                         out.metrics["nonfinite"] = 1.0
-                    results.append(_result(job, len(y), out))
-        return results
+                    results[i] = _result(job, len(data[i][1]), out)
+        return results  # type: ignore[return-value]
 
     def client_data(self, client: int) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.data.client(client)
@@ -133,9 +178,12 @@ class Worker:
         """The hosting process's id: to measure its memory, or to kill it in fault tests."""
         return os.getpid()
 
-    def run_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> list[ClientResult]:
+    def run_numpy(
+        self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None,
+        vectorize: bool | None = None,
+    ) -> list[ClientResult]:
         """`run` with numpy results, which Ray moves without pickling tensor storages."""
-        results = self.run(shared, jobs, payload)
+        results = self.run(shared, jobs, payload, vectorize)
         for result in results:
             result.params = to_numpy(result.params)  # type: ignore[assignment]
         return results
@@ -156,9 +204,14 @@ class InlineExecutor:
 
     def __init__(self, data: FederatedData, spec: WorkerSpec):
         self.worker = Worker(data, spec)
+        self.path: TrainingPath | None = None  # how the clients train, once the first jobs decided it
 
     def train(self, shared: Params, jobs: Sequence[TrainJob], payload: Params | None = None) -> list[ClientResult]:
-        return self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
+        results = self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
+        if self.path is None and self.worker.path is not None:
+            self.path = self.worker.path
+            print(self.path.line(), flush=True)
+        return results
 
     def close(self) -> None:
         pass
@@ -226,6 +279,21 @@ class RayExecutor:
         self._spec = spec
         self.actors = [self._remote.remote(self._data_ref, spec) for _ in range(n_actors)]
         self.replaced = 0
+        self.path: TrainingPath | None = None  # decided by one actor on the first jobs, then used by all
+
+    def _decide(self, shared_ref: Any, jobs: Sequence[TrainJob], payload_ref: Any) -> TrainingPath:
+        """One actor calibrates (or reports the forced or only path), so that every actor of the
+        run, replacements included, trains the same way."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for _ in range(MAX_ACTOR_RESTARTS + 1):
+            try:
+                return ray.get(self.actors[0].decide_numpy.remote(shared_ref, list(jobs[: training_path.CLIENTS]), payload_ref))
+            except RayActorError:
+                self.actors[0] = self._remote.remote(self._data_ref, self._spec)
+                self.replaced += 1
+        raise RuntimeError(f"Ray actors kept dying ({MAX_ACTOR_RESTARTS} replacements while calibrating)")
 
     def _assign(self, jobs: Sequence[TrainJob]) -> list[list[int]]:
         """Job indices per actor: by hosting when clients are pinned, else an even split. A
@@ -249,10 +317,14 @@ class RayExecutor:
 
         shared_ref = ray.put(to_numpy(shared))
         payload_ref = ray.put(to_numpy(payload or {}))
+        if self.path is None and jobs:
+            self.path = self._decide(shared_ref, jobs, payload_ref)
+            print(self.path.line(), flush=True)
+        vectorize = self.path.vectorize if self.path is not None else None
         results: list[ClientResult | None] = [None] * len(jobs)
         pending = {a: idx for a, idx in enumerate(self._assign(jobs)) if idx}
         for attempt in range(MAX_ACTOR_RESTARTS + 1):
-            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx], payload_ref)
+            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx], payload_ref, vectorize)
                      for a, idx in pending.items()}
             failed = {}
             for a, ref in calls.items():
