@@ -278,7 +278,7 @@ def run(
         spec = replace(spec, swept=checkpoint.decode(saved["swept"]))
     else:
         write_resolved_scenario(spec, run_dir / "scenario.toml")
-    rows = checkpoint.decode(saved["history"]) if saved is not None else []
+    rows = _saved_rows(saved["history"]) if saved is not None else []
     start = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
     history = History(run_dir / "metrics.csv", rows)
     ctx = RunContext(spec, options)
@@ -335,10 +335,15 @@ def save_checkpoint(path: Path, spec: RunSpec, ctx: RunContext, flow: Flow, hist
     checkpoint.save(path, {
         "round": r,
         "swept": checkpoint.encode(spec.swept),
-        "history": checkpoint.encode(history.rows),
+        "history": history.encoded(),
         "ctx": checkpoint.encode(ctx.state()),
         "flow": checkpoint.capture(flow),
     })
+
+
+def _saved_rows(saved: Any) -> list[dict[str, Any]]:
+    """A checkpoint's metrics rows: one JSON text, or (older checkpoints) encoded containers."""
+    return History.decoded(saved) if isinstance(saved, str) else checkpoint.decode(saved)
 
 
 def resume(run_dir: str | Path, options: RunOptions = RunOptions()) -> Path:

@@ -8,6 +8,7 @@ header, which happens at most a few times per run.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ class History:
         self.path = Path(path)
         self.observers = list(observers)
         self.rows: list[dict[str, Any]] = list(rows or [])
+        self._encoded: list[str] = []  # JSON of rows[:len(_encoded)], for checkpoints
         self.columns: list[str] = list(BASE_COLUMNS)
         for row in self.rows:
             self.columns += [k for k in row if k not in self.columns]
@@ -50,6 +52,18 @@ class History:
         for observer in self.observers:
             observer.row(row)
 
+    def encoded(self) -> str:
+        """All rows as one JSON text, for a checkpoint. Each row is encoded once, when first
+        checkpointed, and the checkpoint stores one string instead of a container per value, so
+        checkpointing stays cheap however long the run (floats keep every bit: JSON writes their
+        repr; NaN and infinities included)."""
+        self._encoded += [json.dumps(row, default=_plain) for row in self.rows[len(self._encoded):]]
+        return "[" + ",".join(self._encoded) + "]"
+
+    @staticmethod
+    def decoded(text: str) -> list[dict[str, Any]]:
+        return json.loads(text)
+
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=self.columns)
 
@@ -61,6 +75,13 @@ class History:
             writer.writerows(_clean(row) for row in self.rows)
             f.flush()
         os.replace(tmp, self.path)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python ones (JSON knows only the latter)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot record a {type(value).__name__} in metrics")
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
