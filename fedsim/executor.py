@@ -182,11 +182,41 @@ class Worker:
         self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None,
         vectorize: bool | None = None,
     ) -> list[ClientResult]:
-        """`run` with numpy results, which Ray moves without pickling tensor storages."""
-        results = self.run(shared, jobs, payload, vectorize)
-        for result in results:
-            result.params = to_numpy(result.params)  # type: ignore[assignment]
+        """`run` packed for Ray: see `pack`."""
+        return pack(self.run(shared, jobs, payload, vectorize))
+
+
+Packed = tuple[list[ClientResult], dict[str, np.ndarray] | None]
+
+
+def pack(results: list[ClientResult]) -> Packed:
+    """Results whose parameters travel as one array per tensor name, stacked over the results,
+    when they all have the same names and shapes (they nearly always do): Ray then moves a few
+    large buffers instead of pickling one small array per client and tensor. Otherwise each
+    result carries its own numpy arrays."""
+    if results:
+        layout = [(n, tuple(t.shape), t.dtype) for n, t in results[0].params.items()]
+        if all([(n, tuple(t.shape), t.dtype) for n, t in r.params.items()] == layout for r in results):
+            blocks = {n: torch.stack([r.params[n] for r in results]).numpy() for n, _, _ in layout}
+            for r in results:
+                r.params = {}
+            return results, blocks
+    for r in results:
+        r.params = to_numpy(r.params)  # type: ignore[assignment]
+    return results, None
+
+
+def unpack(packed: Packed) -> list[ClientResult]:
+    """`pack` undone on the driver: each result's tensors are views into the stacked arrays."""
+    results, blocks = packed
+    if blocks is None:
+        for r in results:
+            r.params = from_numpy(r.params)  # type: ignore[arg-type]
         return results
+    tensors = from_numpy(blocks)
+    for i, r in enumerate(results):
+        r.params = {n: t[i] for n, t in tensors.items()}
+    return results
 
 
 def _result(job: TrainJob, num_examples: int, out: TrainOutput) -> ClientResult:
@@ -336,8 +366,7 @@ class RayExecutor:
                 except RayTaskError as exc:  # the job itself raised: report the original error
                     cause = exc.cause if isinstance(exc.cause, Exception) else exc
                     raise cause from None
-                for i, result in zip(pending[a], out):
-                    result.params = from_numpy(result.params)  # type: ignore[arg-type]
+                for i, result in zip(pending[a], unpack(out)):
                     results[i] = result
             if not failed:
                 return results  # type: ignore[return-value]
