@@ -16,10 +16,12 @@ metrics.csv, checkpoints; "other" is the flow's own bookkeeping: sampling, the n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -116,7 +118,7 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, nargs="+", default=[10, 100])
     args = parser.parse_args()
     results = []
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
         for per_round in args.per_round:
             results.append(one_run(per_round, args.rounds, args.warmup, args.executor, Path(out)))
     print(json.dumps({
