@@ -115,6 +115,9 @@ def train_chunk(
     valid[:, :, 0] = np.maximum(valid[:, :, 0], 1.0)  # finished clients: a throwaway step, never applied
     momentum: Params = {}
     totals = torch.zeros(k, dtype=torch.float64)
+    # decided by the trainer alone, never by the chunk's make-up: a client's bits must not depend
+    # on which clients share its chunk
+    fused = stack is not None and objective is None and not trainer.momentum and not trainer.weight_decay and not trainer.sam_rho
     for s in range(max(steps)):
         active_list = [s < n for n in steps]
         everyone = all(active_list)
@@ -124,11 +127,15 @@ def train_chunk(
         yb = torch.from_numpy(y_all[rows])
         mask = torch.from_numpy(valid[:, s])
         xb, yb, mask = xb.to(device), yb.to(device), mask.to(device)
+        step_lr = lr if everyone else lr * active.to(lr.dtype)
+        if fused:  # plain SGD: the stack moves the weights as it computes the gradients
+            _, losses = stack.gradients({**weights, **frozen}, xb, yb, mask, trainable, step=step_lr)  # type: ignore[union-attr]
+            totals += torch.where(active, losses.double(), 0.0).cpu()
+            continue
         grads, losses = grad_fn(weights, frozen, xb, yb, mask, start, extra)
         if trainer.sam_rho > 0:
             grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho, start, extra)
         totals += torch.where(active, losses.detach().double(), 0.0).cpu()
-        step_lr = lr if everyone else lr * active.to(lr.dtype)
         for n, w in weights.items():
             d = grads[n]  # a fresh tensor or a buffer of the stack's: ours to modify
             if trainer.weight_decay:
