@@ -145,10 +145,11 @@ class Worker:
         steps = [sgd.num_steps(len(y), j) for (_, y), j in zip(data, jobs)]
         order = sorted(range(len(jobs)), key=steps.__getitem__)
         results: list[ClientResult | None] = [None] * len(jobs)
-        size = self.spec.chunk_size
+        count = -(-len(jobs) // self.spec.chunk_size)  # chunks of at most chunk_size, as even as can be
+        bounds = [len(jobs) * i // count for i in range(count + 1)]
         with torch_threads(self.spec.threads):
-            for start in range(0, len(jobs), size):
-                picked = order[start : start + size]
+            for lo, hi in zip(bounds, bounds[1:]):
+                picked = order[lo:hi]
                 chunk = [jobs[i] for i in picked]
                 params = [tensors if j.row is None else {k: v[j.row] for k, v in tensors.items()} for j in chunk]
                 rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]

@@ -118,6 +118,8 @@ def train_chunk(
     # decided by the trainer alone, never by the chunk's make-up: a client's bits must not depend
     # on which clients share its chunk
     fused = stack is not None and objective is None and not trainer.momentum and not trainer.weight_decay and not trainer.sam_rho
+    if fused:
+        weights, frozen = stack.moving(weights), stack.moving(frozen)  # type: ignore[union-attr]
     for s in range(max(steps)):
         active_list = [s < n for n in steps]
         everyone = all(active_list)
@@ -151,8 +153,14 @@ def train_chunk(
                 momentum[n] = buf
                 d = buf
             w.addcmul_(d, _expand(step_lr, w), value=-1.0)
+    if fused:
+        weights, frozen = stack.standard(weights), stack.standard(frozen)  # type: ignore[union-attr]
     final = {n: (weights[n] if n in weights else frozen[n]).cpu() for n in params[0]}
-    finite = torch.stack([torch.isfinite(t.reshape(k, -1)).all(1) for t in final.values()]).all(0)
+    finite = torch.ones(k, dtype=torch.bool)
+    for t in final.values():  # NaN and infinities reach a row's max or min: two reductions, no mask
+        if t.is_floating_point():
+            rows = t.reshape(k, -1)
+            finite &= torch.isfinite(rows.amax(1)) & torch.isfinite(rows.amin(1))
     out = []
     for c in range(k):
         end = {n: t[c] for n, t in final.items()}  # views into one block per tensor

@@ -265,3 +265,19 @@ def test_results_travel_stacked_and_come_back_unchanged():
     back = unpack(packed)
     assert set(back[2].params) == {"w"} and torch.equal(back[1].params["b"], torch.arange(3.0) + 1)
     assert unpack(pack([])) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_vectorised_chunk_flags_exactly_the_non_finite_clients(bad):
+    data = build_federated_data(DATA, seed=0)
+    model = build_model("mlp", {"hidden": [8]}, data.feature_shape, 10, 0)
+    good = get_params(model)
+    broken = {k: v.clone() for k, v in good.items()}
+    broken["1.weight"][3, 4] = bad  # the client starts from a broken model: its result is broken too
+    params = [good, broken, good]
+    jobs = [TrainJob(c, 1) for c in range(3)]
+    rngs = [np.random.default_rng(c) for c in range(3)]
+    stack = LinearStack.of(model, data.feature_shape)
+    out = vectorized.train_chunk(model, SGDTrainer(lr=0.1, batch_size=8), params, [data.client(c) for c in range(3)],
+                                 jobs, rngs, stack=stack)
+    assert ["nonfinite" in r.metrics for r in out] == [False, True, False]
