@@ -304,16 +304,26 @@ def run(
             else:
                 _record(history, ctx, flow, 0, {}, start)
             bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
-            with bar:
+            pending = _Pending(history, bar)  # an evaluation overlapping the next round's training
+            with bar, pending:
                 for r in range(first, s.rounds + 1):
-                    train_metrics = flow.step(r)
+                    try:
+                        train_metrics = flow.step(r)
+                    finally:
+                        pending.finish()  # the previous round's row goes first, as without overlap
                     out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
                     if r % s.eval_every == 0 or r == s.rounds or out_of_time:
-                        row = _record(history, ctx, flow, r, train_metrics, start)
-                        bar.evaluated(row)
-                        evaluations = len(history.rows) - 1
-                        if s.checkpoint_every and evaluations % s.checkpoint_every == 0:
-                            save_checkpoint(ckpt_path, spec, ctx, flow, history, r)
+                        evaluations = len(history.rows)  # once this row is in
+                        checkpoint_now = bool(s.checkpoint_every) and evaluations % s.checkpoint_every == 0
+                        snapshot = getattr(flow, "evaluation", None)
+                        job = snapshot() if snapshot is not None else None
+                        if job is not None and not checkpoint_now and r < s.rounds and not out_of_time:
+                            pending.start(job, _row_start(ctx, r, train_metrics, start))
+                        else:
+                            row = _record(history, ctx, flow, r, train_metrics, start)
+                            bar.evaluated(row)
+                            if checkpoint_now:
+                                save_checkpoint(ckpt_path, spec, ctx, flow, history, r)
                     bar.advance()
                     if out_of_time:
                         break
@@ -358,31 +368,98 @@ def resume(run_dir: str | Path, options: RunOptions = RunOptions()) -> Path:
     return run(spec, run_dir.parent, options, run_dir=run_dir, resume=True)
 
 
+@dataclass
+class _RowStart:
+    """What a metrics row records of the moment its round ended, taken before the next round
+    runs (an evaluation may finish during it)."""
+
+    ctx: RunContext
+    round: int
+    train: dict[str, float]
+    fields: dict[str, Any]
+    first_bad: tuple[int, int] | None
+
+
+def _row_start(ctx: RunContext, r: int, train: dict[str, float], start: float) -> _RowStart:
+    fields = {"sim_time": ctx.clock.now, "wall_time": time.perf_counter() - start, "bytes_sent": ctx.ledger.total,
+              "dropped_updates": ctx.dropped_updates}
+    return _RowStart(ctx, r, train, fields, ctx.first_bad)
+
+
 def _record(history: History, ctx: RunContext, flow: Flow, r: int, train: dict[str, float], start: float) -> dict[str, Any]:
+    begun = _row_start(ctx, r, train, start)
+    return _append(history, begun, flow.evaluate())
+
+
+def _append(history: History, begun: _RowStart, metrics: dict[str, float]) -> dict[str, Any]:
+    f, train = begun.fields, begun.train
     row: dict[str, Any] = {
-        "round": r,
-        "sim_time": ctx.clock.now,
-        "wall_time": time.perf_counter() - start,
-        **flow.evaluate(),
+        "round": begun.round,
+        "sim_time": f["sim_time"],
+        "wall_time": f["wall_time"],
+        **metrics,
         "train_loss": train.get("train_loss", float("nan")),
-        "bytes_sent": ctx.ledger.total,
+        "bytes_sent": f["bytes_sent"],
     }
     row.update({k: v for k, v in train.items() if k not in row})
-    if ctx.spec.scenario.system.on_divergence == "drop":
-        row["dropped_updates"] = ctx.dropped_updates
+    if begun.ctx.spec.scenario.system.on_divergence == "drop":
+        row["dropped_updates"] = f["dropped_updates"]
     history.append(row)
-    check_divergence(ctx, history, r)
+    check_divergence(begun.ctx, history, begun.round, begun.first_bad)
     return row
 
 
-def check_divergence(ctx: RunContext, history: History, r: int) -> None:
-    """Stop (exit code 3) when the model went non-finite or its test loss exploded."""
+class _Pending:
+    """At most one evaluation running on a second thread while the next round trains.
+
+    A flow that offers `evaluation()` (a function computing its metrics from a snapshot of what
+    `evaluate` reads) has its evaluation overlap the next round: on two cores a small cohort's
+    round then costs its training, not its training plus a test-set pass. The row is appended,
+    and divergence checked, with what was known when its round ended, before the next row, so
+    metrics.csv, the exit code and the error are those of a run without overlap. Checkpoints and
+    the last round wait for their evaluation."""
+
+    def __init__(self, history: History, bar: Any):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.history, self.bar = history, bar
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-evaluation")
+        self.job: tuple[Any, _RowStart] | None = None
+
+    def start(self, evaluation: Any, begun: _RowStart) -> None:
+        self.job = (self.pool.submit(evaluation), begun)
+
+    def finish(self) -> None:
+        if self.job is None:
+            return
+        future, begun = self.job
+        self.job = None
+        self.bar.evaluated(_append(self.history, begun, future.result()))
+
+    def __enter__(self) -> "_Pending":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None:
+                self.finish()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_NOW = object()
+
+
+def check_divergence(ctx: RunContext, history: History, r: int, first_bad: Any = _NOW) -> None:
+    """Stop (exit code 3) when the model went non-finite or its test loss exploded. `first_bad`:
+    the first non-finite update known when round r ended (default: known now)."""
     from .errors import DivergenceError
 
     loss = history.rows[-1]["test_loss"]
     initial = history.rows[0]["test_loss"]
-    if ctx.first_bad is not None:
-        client, k = ctx.first_bad
+    first_bad = ctx.first_bad if first_bad is _NOW else first_bad
+    if first_bad is not None:
+        client, k = first_bad
         raise DivergenceError(f"diverged: client or node {client} sent a non-finite update in round {k} "
                               f"(seen at the evaluation of round {r}; on_divergence = \"drop\" discards such updates)",
                               key="system.on_divergence")

@@ -117,3 +117,17 @@ class ServerRounds:
     def evaluate(self) -> dict[str, float]:
         acc, loss = self.ctx.evaluate(self.params)
         return {"test_accuracy": acc, "test_loss": loss}
+
+    def evaluation(self) -> Callable[[], dict[str, float]] | None:
+        """`evaluate` of the model as it is now, to run later (the coordinator overlaps it with
+        the next round). `step` replaces `self.params`, never writes into it, so holding the
+        dict is a snapshot. A subclass with its own `evaluate` is evaluated in turn instead."""
+        if type(self).evaluate is not ServerRounds.evaluate:
+            return None
+        params, ctx = self.params, self.ctx
+
+        def run() -> dict[str, float]:
+            acc, loss = ctx.evaluate(params)
+            return {"test_accuracy": acc, "test_loss": loss}
+
+        return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -318,7 +319,8 @@ def evaluate(model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, bat
             loss = (torch.logsumexp(out, 1) - out.gather(1, yb.unsqueeze(1)).squeeze(1)).sum()
             return int((out.argmax(1) == yb).sum()), float(loss)
 
-    if len(starts) > 1 and (os.cpu_count() or 1) > 1:
+    # from the main thread only: off it (an evaluation overlapping training) the other core is busy
+    if len(starts) > 1 and (os.cpu_count() or 1) > 1 and threading.current_thread() is threading.main_thread():
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedsim-eval")
         parts = list(_pool.map(part, starts))
