@@ -126,6 +126,10 @@ def build_aggregator(name: str, options: dict[str, Any]) -> Aggregator:
     """Instantiate a registered (or `module:Name`) rule with its scenario settings."""
     factory = aggregators.get(name)
     try:
-        return factory(**options)
+        rule = factory(**options)
     except Exception as exc:  # the rule's constructor rejected its settings: bad input
         raise ScenarioError(f"rule {rule_name(factory)} rejected its settings: {exc}", key="aggregator") from None
+    if not callable(rule):  # registered, but not a rule: found now rather than as a TypeError mid-run
+        raise ScenarioError(f"rule {rule_name(factory)} built a {type(rule).__name__}, which cannot be called; "
+                            "a rule defines __call__(global_params, batch, *, round)", key="aggregator.name")
+    return rule

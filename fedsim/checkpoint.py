@@ -5,18 +5,26 @@ per-node models, event queues, pending jobs, scheduler state), the clock, the le
 model's message counter and the metrics rows so far. Random draws need no saved state, since each
 derives from (seed, purpose, ids). Everything is encoded into plain containers and tensors, so
 `torch.load(weights_only=True)` reads it; objects are rebuilt only for the classes registered
-here, from their fields, never by unpickling code.
+here, from their fields, never by unpickling code. A header carries the body's SHA-256 and the hash
+of the scenario the run belongs to, so a damaged file or a checkpoint beside an edited scenario is
+refused before anything is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import io
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import FedsimError
 
 _TYPES: dict[str, type] = {}
 
@@ -144,12 +152,119 @@ def restore(obj: Any, state: dict[str, Any]) -> None:
             setattr(obj, name, decode(value))
 
 
-def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader sees the previous checkpoint or the new one, never half of one."""
+MAGIC = b"fedsim checkpoint 2\n"
+_HEADER_BYTES = 256  # a JSON line padded with spaces: sha256, body size, scenario hash
+
+
+class CheckpointError(FedsimError):
+    """A checkpoint that cannot be trusted or read: one line naming it, exit code 2."""
+
+
+class _HashingWriter(io.RawIOBase):
+    """The file object torch.save writes to: bytes go to the file and into a SHA-256 as they pass,
+    so the checkpoint is never held twice in memory. An OSError is kept, because torch reports a
+    failed write as its own RuntimeError ('unexpected pos ...')."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            self.f.write(view)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        self.sha.update(view)
+        self.size += len(view)
+        return len(view)
+
+
+def save(path: Path, payload: dict[str, Any], *, scenario: str = "") -> None:
+    """Write atomically, with a checksum: a reader sees the previous checkpoint or the new one,
+    never half of one, and a damaged file is recognised as such.
+
+    The new checkpoint goes to a temporary file (header, then the torch-serialised body, hashed as
+    it is written), which is flushed, synced and checked for its full size before it replaces the
+    old one. Any failure (a full disk, an I/O error) removes the temporary file, leaves the last
+    good checkpoint as it was and raises the OSError. `scenario` is the hash of the scenario the
+    run belongs to (see `fedsim.runfolder.scenario_hash`).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + b" " * _HEADER_BYTES)
+            writer = _HashingWriter(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+            header = json.dumps({"sha256": writer.sha.hexdigest(), "bytes": writer.size, "scenario": scenario})
+            f.seek(len(MAGIC))
+            f.write(header.encode().ljust(_HEADER_BYTES - 1) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        expected = len(MAGIC) + _HEADER_BYTES + writer.size
+        if tmp.stat().st_size != expected:
+            raise OSError(errno.EIO, f"short write ({tmp.stat().st_size} of {expected} bytes)", str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def read(path: Path) -> tuple[dict[str, Any], str]:
+    """(payload, scenario hash) of a checkpoint, after checking its header, size and SHA-256.
+
+    Nothing is deserialised before the checksum matches, and then only with
+    `torch.load(weights_only=True)`, which rebuilds tensors and plain containers and never runs
+    code. Every problem is one `CheckpointError` naming the file.
+    """
+    where = str(path)
+    redo = "start over with --rerun"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(MAGIC))
+            if magic != MAGIC:
+                raise CheckpointError(f"not a checkpoint of this fedsim version (no '{MAGIC.decode().strip()}' "
+                                      f"header); {redo}", file=where)
+            try:
+                header = json.loads(f.read(_HEADER_BYTES).decode("ascii"))
+                digest, size, scenario = header["sha256"], int(header["bytes"]), str(header["scenario"])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                raise CheckpointError(f"damaged header; {redo}", file=where) from None
+            actual = os.fstat(f.fileno()).st_size - len(MAGIC) - _HEADER_BYTES
+            if actual != size:
+                raise CheckpointError(f"truncated or damaged ({actual} bytes where its header says {size}); {redo}",
+                                      file=where)
+            body = f.read()
+    except FileNotFoundError:
+        raise CheckpointError("not found", file=where) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot be read: {exc.strerror}", file=where) from None
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CheckpointError(f"checksum mismatch: the file is damaged; {redo}", file=where)
+    try:
+        payload = torch.load(io.BytesIO(body), weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors and containers, and the like
+        raise CheckpointError(f"refused to load ({exc.__class__.__name__}: only tensors and plain containers "
+                              f"are read, never code); {redo}", file=where) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"does not hold a run's state; {redo}", file=where)
+    return payload, scenario
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=True)
+    """The checked payload of a checkpoint (see `read`)."""
+    return read(path)[0]

@@ -7,11 +7,13 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__, registry
 from .errors import FedsimError
+from .limits import MAX_RUNS
 
 KINDS = {
     "algorithms": registry.algorithms,
@@ -29,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="simulate the runs a scenario file describes")
     run.add_argument("scenario", nargs="?", help="scenario TOML file (not with --resume)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue a killed run (OUT/RUN_NAME) from its last checkpoint, or a whole sweep (OUT)")
+    run.add_argument("--rerun", action="store_true",
+                     help="run again into folders that hold a finished or unfinished run (default: skip finished runs)")
+    run.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                     help=f"refuse sweeps of more than N runs (default: {MAX_RUNS:,})")
     run.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key by its dotted path, e.g. --set algorithm.lr=0.1")
@@ -49,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     validate.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
                           help="import this module first, so that the names it registers work (repeatable)")
+    validate.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                          help=f"refuse sweeps of more than N runs (default: {MAX_RUNS:,})")
+    validate.add_argument("--no-plugins", action="store_true",
+                          help="import no plug-in code (module:Name, [plugins] modules, --plugin); what needs it goes unchecked")
 
     lst = sub.add_parser("list", help="list the registered names of one kind (or all)")
     lst.add_argument("kind", nargs="?", choices=sorted(KINDS), help="which kind (default: all)")
@@ -74,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except FedsimError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
+        if getattr(exc, "hard_exit", False):  # Ray is stuck connecting in a thread: do not wait for it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fedsim: interrupted; the rows written so far are kept", file=sys.stderr)
@@ -81,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import load_specs
-    from .coordinator import RunOptions, resume, run_all
+    from .coordinator import RunOptions, SweepError, resume, resume_sweep, run_all
     from .executor_choice import check_options
-    from .resources import check
+    from .scenario import expand, prepare_raw, read_toml
     from .tracking import check_available
 
     if args.workers is not None and args.workers < 1:
         raise FedsimError("--workers: expected an integer >= 1")
+    if args.max_runs < 1:
+        raise FedsimError("--max-runs: expected an integer >= 1")
     track = [b.strip() for item in args.track for b in item.split(",") if b.strip()]
     for backend in track:
         if backend not in ("tensorboard", "mlflow", "wandb"):
@@ -98,11 +114,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.scenario or args.overrides or track or args.plugins:
             raise FedsimError("--resume takes the run folder alone (its scenario.toml is the scenario)")
-        print(f"{resume(args.resume, options)}: metrics.csv, summary.json, convergence.png")
+        target = Path(args.resume)
+        if not (target / "scenario.toml").exists() and (target / "runs.csv").is_file():
+            dirs = resume_sweep(target, options)
+        else:
+            dirs = [resume(target, options)]
+        _print_dirs(dirs)
         return 0
     if not args.scenario:
         raise FedsimError("run: give a SCENARIO file, or --resume RUN_DIR")
-    specs = load_specs(Path(args.scenario), overrides=args.overrides, plugins=args.plugins, track=track)
+    # the scenario as run: the file with --set, --plugin and --track applied (a sweep keeps it, so
+    # that `--resume OUT` can finish the sweep), then expanded into its points
+    raw = read_toml(args.scenario)
+    raw = prepare_raw(raw, args.scenario, list(args.overrides) + _track_items(raw, track), plugins=args.plugins,
+                      copy_raw=False)
+    specs = expand(raw, args.scenario, max_runs=args.max_runs)
     from .preflight import preflight
 
     for spec in specs:
@@ -112,25 +138,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise exc.located(file=spec.source) from None
         if spec.scenario.tracking is not None:
             check_available(spec.scenario.tracking.backends)
+        # the command line's --executor and --workers count in the memory estimate as the scenario's would
         preflight(spec, force=args.force, executor=args.executor, workers=args.workers)
-    dirs = run_all(specs, args.out, options)
-    for d in dirs:
-        print(f"{d}: metrics.csv, summary.json, convergence.png")
-    if len(dirs) > 1:
+    try:
+        dirs = run_all(specs, args.out, options, rerun=args.rerun, sweep=raw if "sweep" in raw else None)
+    except SweepError as exc:
+        _print_dirs(exc.dirs)
+        raise
+    _print_dirs(dirs)
+    if len(specs) > 1 or any(spec.swept for spec in specs):
         print(f"index of runs: {Path(args.out) / 'runs.csv'}")
     return 0
 
 
+def _track_items(raw: dict, track: list[str]) -> list[tuple[str, object]]:
+    """--track adds backends to the scenario's own [tracking] list (as fedsim.api does), so that the
+    resolved scenario records them and --resume tracks the same way."""
+    if not track:
+        return []
+    table = raw.get("tracking") if isinstance(raw.get("tracking"), dict) else {}
+    listed = list(table.get("backends", [])) if isinstance(table.get("backends", []), list) else []
+    return [("tracking.backends", listed + [b for b in track if b not in listed])]
+
+
+def _print_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        print(f"{d}: metrics.csv, summary.json, convergence.png")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .preflight import preflight
-    from .scenario import load
+    from .scenario import load, unchecked_plugins
 
-    specs = load(args.scenario, args.overrides, plugins=args.plugins)
-    from .preflight import preflight
-
-    for spec in specs:
-        preflight(spec, load_undescribed=True)
-    print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''})")
+    if args.max_runs < 1:
+        raise FedsimError("--max-runs: expected an integer >= 1")
+    skipped: list[str] = []
+    if args.no_plugins:
+        specs, skipped = unchecked_plugins(args.scenario, args.overrides, plugins=args.plugins,
+                                           max_runs=args.max_runs)
+    else:
+        specs = load(args.scenario, args.overrides, plugins=args.plugins, max_runs=args.max_runs)
+    if not skipped:  # the run-time checks (data, partition, graph, memory) need the plug-ins' code
+        for spec in specs:
+            preflight(spec, load_undescribed=True)
+    note = (f"; not imported (--no-plugins), so unchecked with their keys and the data, graph and memory "
+            f"checks: {', '.join(skipped)}" if skipped else "")
+    print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''}{note})")
     return 0
 
 

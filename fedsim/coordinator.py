@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -20,14 +21,14 @@ import networkx as nx
 import numpy as np
 import tomli_w
 from torch import nn
-from . import __version__, checkpoint, tracking, vectorized
+from . import __version__, checkpoint, paths, runfolder, tracking, vectorized
 from .client_state import ClientStates, StatefulExecutor
 from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .data.heterogeneity import heterogeneity
 from .errors import FedsimError, ScenarioError
-from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec
+from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec, local_ray_processes
 from .failures import FailureModel
 from .history import History
 from .ledger import Ledger
@@ -36,6 +37,7 @@ from .network import Network
 from .params import Params, UpdateBatch
 from .plotting import plot_run
 from .progress import Progress
+from .runfolder import RunFolderError, RunLock, RunsIndex
 from .scenario import RunSpec, label
 from .seeding import generator
 from .system import SystemModel
@@ -265,32 +267,68 @@ def _located(build: Any, spec: RunSpec, key: str) -> Any:
 
 def run(
     spec: RunSpec, out: str | Path = "runs", options: RunOptions = RunOptions(), *, run_dir: Path | None = None,
-    resume: bool = False,
+    resume: bool = False, report: Callable[[str], None] | None = None,
 ) -> Path:
     """Simulate one run; returns its folder (metrics.csv, summary.json, convergence.png, scenario.toml).
 
     With `resume`, the run continues from `run_dir/checkpoint.pt`: rows written after that
     checkpoint are dropped and recomputed, so the curves equal those of an uninterrupted run.
+
+    The folder (`out/<run name>`, checked to lie under `out`) is locked while the run writes to it.
+    Nothing but the lock is written until the data, model and executors are built, and a run
+    refused before it starts (exit code 2) leaves the folder as it found it: one it created is
+    removed again. Files of an earlier run in the folder are replaced only here, so callers decide
+    whether that may happen (`run_all` skips finished runs unless asked to re-run them).
     """
+    if run_dir is None:
+        run_dir = paths.inside(paths.make_out(out), spec.run_name)
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir).acquire()
+    started = False
+    try:
+        result = _run_locked(spec, run_dir, options, resume, lock, report)
+        started = True
+        return result
+    except BaseException as exc:
+        started = started or getattr(exc, "_fedsim_started", False)
+        if not started:
+            lock.abandon()
+        raise
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool, lock: RunLock,
+                report: Callable[[str], None] | None) -> Path:
     s = spec.scenario
-    run_dir = run_dir or Path(out) / spec.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
-    saved = checkpoint.load(ckpt_path) if resume else None
-    if saved is not None:
-        spec = replace(spec, swept=checkpoint.decode(saved["swept"]))
+    saved = None
+    if resume:
+        saved, scenario_id = checkpoint.read(ckpt_path)
+        if scenario_id not in (runfolder.scenario_hash(runfolder.folder_scenario(run_dir)), "") or \
+                scenario_id != scenario_hash(spec):
+            raise checkpoint.CheckpointError("belongs to another scenario than the scenario.toml beside it (edited "
+                                             "after the run started?); restore that file, or start over with --rerun",
+                                             file=str(ckpt_path))
+        try:
+            spec = replace(spec, swept=checkpoint.decode(saved["swept"]))
+            rows = checkpoint.decode(saved["history"])
+            ctx_state = checkpoint.decode(saved["ctx"])
+            first = int(saved["round"]) + 1
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise TypeError("history is not a list of rows")
+        except Exception as exc:
+            raise _bad_checkpoint(ckpt_path, exc) from None
     else:
-        write_resolved_scenario(spec, run_dir / "scenario.toml")
-    rows = checkpoint.decode(saved["history"]) if saved is not None else []
-    start = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
-    history = History(run_dir / "metrics.csv", rows)
+        rows = []
+    start = time.perf_counter() - (rows[-1].get("wall_time", 0.0) if rows else 0.0)
     ctx = RunContext(spec, options)
-    trackers = tracking.open_trackers(spec, run_dir, rows)  # none without a [tracking] table
-    history.observers += trackers
+    trackers: list[Any] = []
     completed = False
     # Server-side tensor work (aggregation, mixing, evaluation) runs with the fixed thread count
     # too: idle OpenMP threads spin for a while after each op, which on a small machine steals the
     # cores the actors are training on.
+    started = False
     with torch_threads(s.system.threads_per_worker):
         try:
             flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
@@ -299,61 +337,147 @@ def run(
             if s.aggregator is not None and not ctx.rule_used:
                 raise ScenarioError(f"algorithm '{spec.algorithm_config.name}' has no merge step that a rule can "
                                     "replace: remove the [aggregator] table", key="aggregator")
-            first = 1
+            lock.record_ray(local_ray_processes())
             if saved is not None:
-                checkpoint.restore(flow, saved["flow"])
-                ctx.load_state(checkpoint.decode(saved["ctx"]))
-                first = int(saved["round"]) + 1
-            else:
-                _record(history, ctx, flow, 0, {}, start)
-            bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
-            with bar:
-                for r in range(first, s.rounds + 1):
-                    train_metrics = flow.step(r)
-                    out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
-                    if r % s.eval_every == 0 or r == s.rounds or out_of_time:
-                        row = _record(history, ctx, flow, r, train_metrics, start)
-                        bar.evaluated(row)
-                        evaluations = len(history.rows) - 1
-                        if s.checkpoint_every and evaluations % s.checkpoint_every == 0:
-                            save_checkpoint(ckpt_path, spec, ctx, flow, history, r)
-                    bar.advance()
-                    if out_of_time:
-                        break
+                try:
+                    checkpoint.restore(flow, saved["flow"])
+                    ctx.load_state(ctx_state)
+                except Exception as exc:
+                    raise _bad_checkpoint(ckpt_path, exc) from None
+            resolved = resolved_scenario_text(spec)
+            scenario_id = scenario_hash(spec)
+            with paths.writing(run_dir, started=False):
+                if saved is None:
+                    for name in ("checkpoint.pt", "summary.json", "convergence.png"):  # an earlier run's
+                        (run_dir / name).unlink(missing_ok=True)
+                    paths.write_atomic(run_dir / "scenario.toml", resolved)
+                history = History(run_dir / "metrics.csv", rows)
+                trackers = tracking.open_trackers(spec, run_dir, rows)  # none without a [tracking] table
+                history.observers += trackers
+                if saved is None:
+                    _record(history, ctx, flow, 0, {}, start)
+            started = True
+            with paths.writing(run_dir / "metrics.csv", started=True, run_dir=run_dir):
+                if saved is None:
+                    first = 1
+                bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
+                with bar:
+                    for r in range(first, s.rounds + 1):
+                        train_metrics = flow.step(r)
+                        out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
+                        if r % s.eval_every == 0 or r == s.rounds or out_of_time:
+                            row = _record(history, ctx, flow, r, train_metrics, start)
+                            bar.evaluated(row)
+                            evaluations = len(history.rows) - 1
+                            if s.checkpoint_every and evaluations % s.checkpoint_every == 0:
+                                with paths.writing(ckpt_path, started=True, run_dir=run_dir):
+                                    save_checkpoint(ckpt_path, spec, ctx, flow, history, r, scenario_id)
+                        bar.advance()
+                        if out_of_time:
+                            break
             completed = True
-        except FedsimError as exc:
-            raise exc.located(file=spec.source) from None
+        except BaseException as exc:
+            if started:
+                try:
+                    exc._fedsim_started = True  # type: ignore[attr-defined]
+                except AttributeError:  # pragma: no cover
+                    pass
+            if isinstance(exc, FedsimError):
+                raise exc.located(file=spec.source) from None
+            raise
         finally:
             ctx.close()
             if not completed:
                 tracking.finish_trackers(trackers, run_dir, failed=True)
-    write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
-    plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
-    tracking.finish_trackers(trackers, run_dir)
-    ckpt_path.unlink(missing_ok=True)  # only a run that stopped early needs one
+    # The summary is written last but one: a folder with summary.json and no checkpoint.pt is a
+    # finished run (runfolder.inspect), so the summary must not appear before the plot is done,
+    # and the checkpoint goes only once the summary is safely on disk.
+    with paths.writing(run_dir, started=True, run_dir=run_dir):
+        plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
+        write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
+        tracking.finish_trackers(trackers, run_dir)  # (they send summary.json too)
+        ckpt_path.unlink(missing_ok=True)  # only a run that stopped early needs one
     return run_dir
 
 
-def save_checkpoint(path: Path, spec: RunSpec, ctx: RunContext, flow: Flow, history: History, r: int) -> None:
+def _bad_checkpoint(path: Path, exc: Exception) -> FedsimError:
+    """A checkpoint whose checksum matched but whose content is not a run's state: crafted, or
+    written by an incompatible fedsim."""
+    return checkpoint.CheckpointError(f"does not hold this run's state ({exc.__class__.__name__}); "
+                                      "start over with --rerun", file=str(path))
+
+
+def save_checkpoint(path: Path, spec: RunSpec, ctx: RunContext, flow: Flow, history: History, r: int,
+                    scenario_id: str = "") -> None:
     checkpoint.save(path, {
         "round": r,
         "swept": checkpoint.encode(spec.swept),
         "history": checkpoint.encode(history.rows),
         "ctx": checkpoint.encode(ctx.state()),
         "flow": checkpoint.capture(flow),
-    })
+    }, scenario=scenario_id)
 
 
-def resume(run_dir: str | Path, options: RunOptions = RunOptions()) -> Path:
-    """Continue the run in `run_dir` from its last checkpoint (see `run`)."""
-    from .errors import ScenarioError
+def resume(run_dir: str | Path, options: RunOptions = RunOptions(), *,
+           report: Callable[[str], None] | None = None, spec: RunSpec | None = None) -> Path:
+    """Continue the run in `run_dir` from its last checkpoint (see `run`).
+
+    A run killed before its first checkpoint starts over (its rows are discarded, and `report`
+    says so); a finished run is left as it is.
+    """
     from .scenario import load
 
+    say = report or _stderr
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.pt").is_file():
+    state = runfolder.inspect(run_dir)
+    if state.locked_by is not None:
+        raise RunFolderError(f"another fedsim run (pid {state.locked_by}) is writing to this folder", file=str(run_dir))
+    if state.kind in ("absent", "empty", "foreign"):
         raise ScenarioError("no checkpoint.pt to resume from (is this a run folder?)", file=str(run_dir))
-    (spec,) = load(run_dir / "scenario.toml")
-    return run(spec, run_dir.parent, options, run_dir=run_dir, resume=True)
+    if state.kind == "finished":
+        say(f"{run_dir}: finished already; nothing to resume (--rerun runs it again)")
+        return run_dir
+    spec = spec or _point_spec(run_dir) or load(run_dir / "scenario.toml")[0]
+    if state.has_checkpoint:
+        return run(spec, run_dir.parent, options, run_dir=run_dir, resume=True, report=report)
+    rows = _count_rows(run_dir / "metrics.csv")
+    say(f"{run_dir}: no checkpoint (killed before its first one): starting over; "
+        f"its {rows} row{'s are' if rows != 1 else ' is'} discarded")
+    return run(spec, run_dir.parent, options, run_dir=run_dir, report=report)
+
+
+_resume_folder = resume  # run_all's `resume` argument shadows the function's name
+
+
+def _point_spec(run_dir: Path) -> RunSpec | None:
+    """The sweep point a run folder belongs to, from the sweep file its runs.csv row names (so a
+    restarted point keeps its swept values), or None for a single run."""
+    from .scenario import load
+
+    try:
+        rows = RunsIndex(run_dir.parent).read()
+    except FedsimError:
+        return None
+    row = next((r for r in rows if r.get("run_dir") == run_dir.name), None)
+    sweep = row.get("sweep") if row else None
+    if not sweep or paths.name_problem(sweep) is not None or not (run_dir.parent / sweep).is_file():
+        return None
+    for spec in load(run_dir.parent / sweep, max_runs=None):
+        if spec.run_name == run_dir.name:
+            return spec
+    return None
+
+
+def _count_rows(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return max(0, sum(1 for _ in f) - 1)
+    except OSError:
+        return 0
+
+
+def _stderr(line: str) -> None:
+    print(f"fedsim: {line}", file=sys.stderr)
 
 
 def _record(history: History, ctx: RunContext, flow: Flow, r: int, train: dict[str, float], start: float) -> dict[str, Any]:
@@ -421,36 +545,180 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         summary["mean_idle_fraction"] = float(idle.mean())
         if len(idle) <= 1000:  # a list per client stays readable; beyond, the mean says enough
             summary["client_idle_fraction"] = [round(float(x), 4) for x in idle]
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    paths.write_atomic(path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def write_resolved_scenario(spec: RunSpec, path: Path) -> None:
-    """The scenario as run, every default filled in, with the versions that ran it as comments."""
+def resolved_scenario_text(spec: RunSpec) -> str:
+    """The scenario as run, every default filled in, with the versions that ran it as (two lines
+    of) comments."""
     import torch
 
     header = (
         f"# resolved by fedsim {__version__} (torch {torch.__version__}, ray {metadata.version('ray')})\n"
-        f"# from {spec.source}" + (f" with {spec.swept}" if spec.swept else "") + f"; seed {spec.scenario.seed}\n"
+        + _comment(f"# from {spec.source}" + (f" with {spec.swept}" if spec.swept else "") + f"; seed {spec.scenario.seed}")
+        + "\n"
     )
-    path.write_text(header + tomli_w.dumps(spec.as_dict()))
+    return header + tomli_w.dumps(spec.as_dict())
 
 
-def run_all(specs: list[RunSpec], out: str | Path = "runs", options: RunOptions = RunOptions()) -> list[Path]:
-    """Run every sweep point in turn; `OUT/runs.csv` lists each run's folder and swept values.
+def _comment(text: str) -> str:
+    """One comment line whatever the text holds (a file name may contain a newline)."""
+    return "".join(ch if ch == "\t" or (ord(ch) >= 32 and ord(ch) != 127) else repr(ch)[1:-1] for ch in text)
 
-    The index is rewritten after each run, so an interrupted sweep still lists the runs it finished.
+
+def _resolved(spec: RunSpec) -> dict[str, Any]:
+    """The resolved scenario as it reads back from scenario.toml (TOML's types, not Python's)."""
+    return tomllib.loads(tomli_w.dumps(spec.as_dict()))
+
+
+def scenario_hash(spec: RunSpec) -> str:
+    """What identifies a run's scenario in its checkpoint and against a finished run's folder."""
+    return runfolder.scenario_hash(_resolved(spec))
+
+
+def write_resolved_scenario(spec: RunSpec, path: Path) -> None:
+    path.write_text(resolved_scenario_text(spec))
+
+
+SWEEP_SUFFIX = ".sweep.toml"
+
+
+class SweepError(FedsimError):
+    """Some points of a sweep failed; the others ran. Exit code: the points' own code when they
+    all share one, else 1. `dirs` are the folders of the points that finished."""
+
+    def __init__(self, message: str, *, exit_code: int, dirs: list[Path], file: str | None = None):
+        super().__init__(message, file=file)
+        self.exit_code = exit_code
+        self.dirs = dirs
+
+
+def run_all(
+    specs: list[RunSpec], out: str | Path = "runs", options: RunOptions = RunOptions(), *, rerun: bool = False,
+    resume: bool = False, sweep: dict[str, Any] | None = None, report: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Run every sweep point in turn; returns their folders. Re-running never destroys results:
+
+    - a folder holding a finished run of the same scenario is skipped (`rerun` runs it again);
+    - one holding a finished run of another scenario, a run that did not finish or files fedsim
+      did not write is refused (exit code 2) before anything runs, unless `rerun` (a run that did
+      not finish is continued from its checkpoint with `resume`);
+    - a sweep lists its points in `OUT/runs.csv` (merged with the rows already there) with their
+      status and error: a point that fails is recorded and the others still run, then a
+      `SweepError` says how many failed. `sweep` is the raw scenario (after --set), written to
+      `OUT/<name>.sweep.toml` so that `fedsim run --resume OUT` can finish the whole sweep.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    dirs = []
-    for i, spec in enumerate(specs):
-        run_dir = run(spec, out, replace(options, position=(i + 1, len(specs))))
-        dirs.append(run_dir)
-        rows.append({"run_dir": run_dir.name, **{k: label(v) for k, v in spec.swept.items()}})
-        if any(s.swept for s in specs):
-            import pandas as pd
-
-            pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)
+    say = report or _stderr
+    out = paths.make_out(out)
+    plans = []
+    for spec in specs:
+        run_dir = paths.inside(out, spec.run_name)
+        plans.append((spec, run_dir, _decide(spec, run_dir, rerun=rerun, resume=resume)))
+    is_sweep = len(specs) > 1 or any(spec.swept for spec in specs)
+    index = RunsIndex(out)
+    sweep_file = ""
+    if is_sweep:
+        if sweep is not None:
+            sweep_file = specs[0].scenario.name + SWEEP_SUFFIX
+            paths.check_name(sweep_file, "sweep file name")
+            with paths.writing(out / sweep_file, started=False):
+                paths.write_atomic(out / sweep_file, _sweep_text(sweep, specs[0].source))
+        index.update([_index_row(spec, d, "pending" if action != "skip" else "done", sweep_file)
+                      for spec, d, action in plans], started=False)
+    dirs: list[Path] = []
+    failures: list[tuple[Path, FedsimError]] = []
+    for i, (spec, run_dir, action) in enumerate(plans):
+        if action == "skip":
+            say(f"{run_dir}: finished already; skipped (--rerun runs it again)")
+            dirs.append(run_dir)
+            continue
+        point = replace(options, position=(i + 1, len(plans)))
+        try:
+            if action == "resume":
+                done = _resume_folder(run_dir, point, report=report, spec=spec)
+            else:
+                done = run(spec, out, point, run_dir=run_dir, report=report)
+        except KeyboardInterrupt:
+            if is_sweep:
+                index.update([_index_row(spec, run_dir, "interrupted", sweep_file)])
+            raise
+        except FedsimError as exc:
+            if not is_sweep:
+                raise
+            exc.located(file=spec.source)
+            index.update([_index_row(spec, run_dir, "failed", sweep_file, error=str(exc))])
+            if isinstance(exc, (paths.OutputError, RunFolderError)):
+                raise  # the disk or the folder, not the point: the next points would fail alike
+            say(f"error: {run_dir}: {exc}")
+            failures.append((run_dir, exc))
+            continue
+        dirs.append(done)
+        if is_sweep:
+            index.update([_index_row(spec, run_dir, "done", sweep_file)])
+    if failures:
+        codes = {exc.exit_code for _, exc in failures}
+        raise SweepError(f"{len(failures)} of {len(plans)} runs failed (first: {failures[0][0].name}); "
+                         f"their errors are in {index.path}", exit_code=codes.pop() if len(codes) == 1 else 1,
+                         dirs=dirs)
     return dirs
+
+
+def resume_sweep(out: str | Path, options: RunOptions = RunOptions(), *,
+                 report: Callable[[str], None] | None = None) -> list[Path]:
+    """Finish the sweeps listed in `OUT/runs.csv`: finished points are kept, points that did not
+    finish continue from their checkpoints (or start over without one), missing points run."""
+    from .scenario import load
+
+    out = Path(out)
+    rows = RunsIndex(out).read()
+    files = list(dict.fromkeys(r.get("sweep", "") for r in rows if r.get("sweep")))
+    if not files:
+        raise ScenarioError("no sweep to resume here (no runs.csv naming a .sweep.toml file); "
+                            "give a run folder, OUT/RUN_NAME", file=str(out))
+    dirs: list[Path] = []
+    for name in files:
+        if paths.name_problem(name) is not None or not name.endswith(SWEEP_SUFFIX):
+            raise runfolder.DamagedFileError(f"names an unexpected sweep file {name!r}", file=str(out / "runs.csv"))
+        specs = load(out / name, max_runs=None)
+        dirs += run_all(specs, out, options, resume=True, report=report)
+    return dirs
+
+
+def _decide(spec: RunSpec, run_dir: Path, *, rerun: bool, resume: bool) -> str:
+    """What to do with a point's folder: run, skip, resume; or a one-line refusal."""
+    state = runfolder.inspect(run_dir)
+    if state.locked_by is not None:
+        raise RunFolderError(f"another fedsim run (pid {state.locked_by}) is writing to this folder; "
+                             "wait for it to end or choose another --out or name", file=str(run_dir))
+    if state.kind in ("absent", "empty"):
+        return "run"
+    if state.kind == "foreign" and not rerun:
+        shown = ", ".join(state.foreign[:3]) + (", ..." if len(state.foreign) > 3 else "")
+        raise RunFolderError(f"holds files fedsim did not write ({shown}); choose another --out or name "
+                             "(--rerun writes beside them)", file=str(run_dir))
+    if rerun:
+        return "run"
+    if state.kind == "finished":
+        theirs = runfolder.folder_scenario(run_dir)
+        if runfolder.scenario_hash(theirs) == scenario_hash(spec):
+            return "skip"
+        keys = ", ".join(runfolder.changed_keys(theirs, _resolved(spec)))
+        raise RunFolderError(f"holds a finished run of another scenario (differs in {keys}); "
+                             "choose another --out or name, or replace it with --rerun", file=str(run_dir))
+    if resume:
+        return "resume"
+    raise RunFolderError(f"holds a run that did not finish; continue it with `fedsim run --resume {run_dir}`"
+                         " or start it over with --rerun", file=str(run_dir))
+
+
+def _index_row(spec: RunSpec, run_dir: Path, status: str, sweep_file: str, error: str = "") -> dict[str, Any]:
+    row = {"run_dir": run_dir.name, "status": status, "error": error, **{k: label(v) for k, v in spec.swept.items()}}
+    if sweep_file:  # (resuming, the sweep file named in the index stays)
+        row["sweep"] = sweep_file
+    return row
+
+
+def _sweep_text(raw: dict[str, Any], source: str) -> str:
+    return (f"# the sweep as run (with its --set overrides) from {source}; "
+            f"`fedsim run --resume OUT` reads it to finish the sweep\n" + tomli_w.dumps(raw))

@@ -8,11 +8,16 @@ shares are put there once per round, never once per client.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +25,7 @@ import torch
 from . import vectorized
 from .data import FederatedData
 from .models import build_model
-from .errors import ClientError
+from .errors import ClientError, FedsimError, PluginError
 from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
 from .training import ClientResult, TrainJob, Trainer, TrainOutput, torch_threads
@@ -184,14 +189,181 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                                  runtime_env={"worker_process_setup_hook": _this_fedsim_first()})
     if address:
-        ray.init(address=address, **kwargs)
+        _join(address, kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
-MAX_ACTOR_RESTARTS = 3
+CONNECT_TIMEOUT = 30.0  # seconds to reach and join the cluster that --address names
+
+
+class ClusterError(FedsimError):
+    """The cluster named by --address (or [system] address) cannot be joined: exit code 2.
+
+    `hard_exit` is set when Ray's own connection attempt is still stuck in a thread: the command
+    line then ends the process at once rather than wait for Ray to give up (minutes)."""
+
+    hard_exit = False
+
+
+def _join(address: str, kwargs: dict[str, Any], timeout: float = CONNECT_TIMEOUT) -> None:
+    """ray.init(address=...), but failing within `timeout` seconds in one line when nothing
+    answers: a TCP probe first (refused, unreachable or silent addresses fail in seconds), then
+    Ray's own handshake in a thread we stop waiting for at the deadline. Ray's C++ warnings while
+    it retries are kept off the terminal unless RAY_BACKEND_LOG_LEVEL says otherwise."""
+    import threading
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    _probe(address, timeout)
+    outcome: dict[str, BaseException] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=connect, name="fedsim-ray-connect", daemon=True)
+    with _stderr_silenced():  # Ray's C++ client logs each failed retry to file descriptor 2
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        error = ClusterError(f"no Ray cluster answered at {address} within {timeout:.0f} s (something listens "
+                             "there, but it is not a Ray head that accepts this driver); check the address, "
+                             "and that the head runs the same Ray version", key="system.address")
+        error.hard_exit = True
+        raise error
+    if "error" in outcome:
+        first = (str(outcome["error"]).strip().splitlines() or [outcome["error"].__class__.__name__])[0]
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {first[:200]}", key="system.address")
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at a scratch file for the duration (C++ code writes there directly,
+    past Python's sys.stderr)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            sys.stderr.flush()
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast (ClusterError) when nothing accepts a TCP connection at the address's host:port."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        if target == "auto":
+            return  # Ray finds the address itself
+        raise ClusterError(f"expected HOST:PORT (or ray://HOST:PORT, or auto), got {address!r}", key="system.address")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(10.0, timeout)):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            reason = f"no answer within {min(10.0, timeout):.0f} s"
+        raise ClusterError(f"nothing answers at {host}:{port} ({reason}); start the head with "
+                           f"`ray start --head --port {port}` or check the address", key="system.address") from None
+
+
+def local_ray_processes() -> list[dict[str, float]]:
+    """(pid, start time) of the Ray processes this process started with its local cluster (GCS,
+    raylet, agents), or [] when Ray is not running here or joined someone else's cluster. The
+    run folder's lock file records them, so that a run killed with SIGKILL, which cannot stop its
+    own cluster, has it ended by the next fedsim run into that folder (fedsim.runfolder.reap)."""
+    try:
+        import ray
+        from ray._private import worker as ray_worker
+
+        import psutil  # Ray's own copy, on the path once ray is imported
+    except ImportError:  # pragma: no cover
+        return []
+    node = getattr(ray_worker, "_global_node", None)
+    if not ray.is_initialized() or node is None or not getattr(node, "head", False):
+        return []
+    found: dict[int, float] = {}
+    for infos in getattr(node, "all_processes", {}).values():
+        for info in infos:
+            pid = getattr(getattr(info, "process", None), "pid", None)
+            if not isinstance(pid, int):
+                continue
+            try:
+                proc = psutil.Process(pid)
+                # the raylet's agents outlive it after a SIGKILL (they are reparented): record them too
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p.create_time()
+            except psutil.Error:
+                continue
+    return [{"pid": pid, "create_time": t} for pid, t in found.items()]
+
+
+_SETUP_HOOK = """
+def fedsim_first(package={package!r}):
+    import importlib.util, os, sys
+    init = os.path.join(package, "__init__.py")
+    if "fedsim" in sys.modules or not os.path.isfile(init):
+        return  # already imported, or another machine with fedsim elsewhere: the usual import
+    spec = importlib.util.spec_from_file_location("fedsim", init, submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fedsim"] = module
+    spec.loader.exec_module(module)
+"""
+
+
+def _this_fedsim_first() -> Any:
+    """A hook that Ray runs in every worker process before it loads any job: import the fedsim
+    package the driver imported, from its own folder.
+
+    Ray puts the driver's working directory first on its workers' `sys.path` (so that user
+    modules beside the scenario can be unpickled), so a folder named `fedsim` there, even an empty
+    one, would be imported instead of the installed package and every actor would die on start.
+    The function is compiled here, outside any importable module, so that Ray pickles it by value:
+    a worker needs no `import fedsim` to run it.
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    namespace: dict[str, Any] = {"__name__": "fedsim_worker_setup"}
+    exec(compile(_SETUP_HOOK.format(package=package), "<fedsim worker setup>", "exec"), namespace)
+    return namespace["fedsim_first"]
+
+
+MAX_ACTOR_RESTARTS = 3  # per job: a job whose actor dies a fourth time ends the run (exit code 1)
+
+
+class ActorsDiedError(PluginError):
+    """A job's Ray actor died more often than the retry budget allows: exit code 1."""
+
+
+def _actors_died(job: TrainJob, losses: int, exc: BaseException) -> ActorsDiedError:
+    text = str(exc)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [exc.__class__.__name__]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+    cause = raised[-1] if raised else lines[0]  # an exception in the actor's start-up, else Ray's reason
+    if "out of memory" in text.lower():
+        cause = "out of memory"
+    return ActorsDiedError(
+        f"the Ray actor training client {job.client_id} in round {job.round} died {losses} times "
+        f"(last: {cause[:160]}); the machine may be short of memory: try fewer --workers, or --executor inline"
+    )
 
 
 class RayExecutor:
@@ -251,15 +423,20 @@ class RayExecutor:
         payload_ref = ray.put(to_numpy(payload or {}))
         results: list[ClientResult | None] = [None] * len(jobs)
         pending = {a: idx for a, idx in enumerate(self._assign(jobs)) if idx}
-        for attempt in range(MAX_ACTOR_RESTARTS + 1):
+        losses = [0] * len(jobs)  # how often each job's actor died under it
+        while pending:
             calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx], payload_ref)
                      for a, idx in pending.items()}
             failed = {}
             for a, ref in calls.items():
                 try:
                     out = ray.get(ref)
-                except RayActorError:
+                except RayActorError as exc:
                     failed[a] = pending[a]
+                    for i in pending[a]:
+                        losses[i] += 1
+                        if losses[i] > MAX_ACTOR_RESTARTS:
+                            raise _actors_died(jobs[i], losses[i], exc) from None
                     continue
                 except RayTaskError as exc:  # the job itself raised: report the original error
                     cause = exc.cause if isinstance(exc.cause, Exception) else exc
@@ -267,13 +444,11 @@ class RayExecutor:
                 for i, result in zip(pending[a], out):
                     result.params = from_numpy(result.params)  # type: ignore[arg-type]
                     results[i] = result
-            if not failed:
-                return results  # type: ignore[return-value]
             for a in failed:
                 self.actors[a] = self._remote.remote(self._data_ref, self._spec)
                 self.replaced += 1
             pending = failed
-        raise RuntimeError(f"Ray actors kept dying ({MAX_ACTOR_RESTARTS} replacements in one round)")
+        return results  # type: ignore[return-value]
 
     def close(self) -> None:
         import ray

@@ -2,18 +2,21 @@
 
 Rows are appended and flushed at every evaluation, so a run killed mid-way keeps every row it
 wrote. A row with a column the file has not seen yet rewrites the file (atomically) with the wider
-header, which happens at most a few times per run.
+header, which happens at most a few times per run. A write that fails half-way (a full disk) is cut
+back to the last whole row before the error goes up, so the file never ends in half a row.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import pandas as pd
+
+from .paths import write_atomic
 
 BASE_COLUMNS = ["round", "sim_time", "wall_time", "test_accuracy", "test_loss", "train_loss", "bytes_sent"]
 
@@ -44,9 +47,20 @@ class History:
             self.columns += new
             self._write_all()
         else:
+            buf = io.StringIO()
+            csv.DictWriter(buf, self.columns).writerow(_clean(row))
             with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, self.columns).writerow(_clean(row))
-                f.flush()
+                size = f.tell()
+                try:
+                    f.write(buf.getvalue())
+                    f.flush()
+                except OSError:
+                    # a full disk may take half a row: cut it off, so the file keeps whole rows only
+                    try:
+                        f.truncate(size)
+                    except OSError:
+                        pass
+                    raise
         for observer in self.observers:
             observer.row(row)
 
@@ -54,13 +68,11 @@ class History:
         return pd.DataFrame(self.rows, columns=self.columns)
 
     def _write_all(self) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows(_clean(row) for row in self.rows)
-            f.flush()
-        os.replace(tmp, self.path)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, self.columns)
+        writer.writeheader()
+        writer.writerows(_clean(row) for row in self.rows)
+        write_atomic(self.path, buf.getvalue(), fsync=False)
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

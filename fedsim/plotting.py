@@ -7,8 +7,6 @@ with missing values (a NaN train loss at round 0, runs of different lengths).
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from .errors import FedsimError  # noqa: E402
+from .runfolder import folder_scenario, read_index, read_metrics, read_summary  # noqa: E402
 
 AXIS_LABELS = {
     "round": "round",
@@ -113,10 +112,9 @@ def find_runs(inputs: Iterable[str | Path]) -> list[Path]:
     runs: list[Path] = []
     for item in map(Path, inputs):
         if item.is_file() and item.name.endswith(".csv"):
-            table = pd.read_csv(item)
-            if "run_dir" not in table:
-                raise FedsimError("expected a runs.csv with a run_dir column", file=str(item))
-            runs += [item.parent / d for d in table["run_dir"]]
+            rows = read_index(item)
+            # a sweep's index also lists points that failed or have not run yet
+            runs += [item.parent / r["run_dir"] for r in rows if r.get("status", "done") in ("done", "")]
         elif (item / "metrics.csv").is_file():
             runs.append(item)
         elif item.is_dir() and any(item.glob("*/metrics.csv")):
@@ -149,14 +147,15 @@ def load_runs(runs: list[Path], by: str) -> pd.DataFrame:
     frames = []
     missing = []
     for run in runs:
-        scenario = tomllib.loads((run / "scenario.toml").read_text())
+        scenario = folder_scenario(run)
         value = lookup(scenario, by)
         if value is None and (run / "summary.json").is_file():  # a swept label such as `cases`
-            value = json.loads((run / "summary.json").read_text()).get("swept", {}).get(by)
+            swept = read_summary(run / "summary.json").get("swept", {})
+            value = swept.get(by) if isinstance(swept, dict) else None
         if value is None:
             missing.append(run)
             value = MISSING_GROUP.get(by.split(".")[0], "none")
-        df = pd.read_csv(run / "metrics.csv")
+        df = read_metrics(run / "metrics.csv")
         df["group"] = str(value)
         df["run"] = str(run)
         frames.append(df)

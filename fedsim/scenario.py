@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import math
 import tomllib
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
@@ -20,7 +22,9 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import registry
-from .errors import FedsimError, ScenarioError
+from .errors import FedsimError, ScenarioError, UnknownNameError
+from .limits import MAX_RUNS, MAX_SCENARIO_BYTES, MAX_TOML_DEPTH, depth
+from .paths import name_problem
 
 
 class Section(BaseModel):
@@ -253,34 +257,49 @@ def declared_config(obj: Any) -> type[AlgorithmConfig] | None:
 # loading
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, plugins: tuple[str, ...] | list[str] = ()) -> list[RunSpec]:
-    """Read, override, expand and validate a scenario file: one RunSpec per sweep point."""
-    return load_raw(read_toml(path), str(path), overrides, plugins=plugins, copy_raw=False)
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, plugins: tuple[str, ...] | list[str] = (),
+         max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
+    """Read, override, expand and validate a scenario file: one RunSpec per sweep point.
+
+    A sweep of more than `max_runs` points is refused before it is expanded (None: no limit)."""
+    return load_raw(read_toml(path), str(path), overrides, plugins=plugins, copy_raw=False, max_runs=max_runs)
 
 
 def loads(text: str, source: str = "<scenario text>", overrides: list[str] | tuple[str, ...] = (),
-          *, plugins: tuple[str, ...] | list[str] = ()) -> list[RunSpec]:
+          *, plugins: tuple[str, ...] | list[str] = (), max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     """Like `load`, from TOML text (a notebook cell's triple-quoted string)."""
+    if len(text) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"larger than {MAX_SCENARIO_BYTES // 2**20} MiB: not a scenario", file=source)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
     except RecursionError:
         raise ScenarioError("not a scenario: values nested too deeply to read", file=source) from None
-    return load_raw(raw, source, overrides, plugins=plugins, copy_raw=False)
+    _check_depth(raw, source)
+    return load_raw(raw, source, overrides, plugins=plugins, copy_raw=False, max_runs=max_runs)
 
 
 def load_raw(raw: Mapping[str, Any], source: str = "<scenario dict>", overrides: Any = (),
-             *, plugins: tuple[str, ...] | list[str] = (), copy_raw: bool = True) -> list[RunSpec]:
+             *, plugins: tuple[str, ...] | list[str] = (), copy_raw: bool = True,
+             max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     """Override, expand and validate a scenario given as a dict (never modified).
 
     `overrides` are `--set` strings (`"algorithm.lr=0.1"`) or a dict of dotted keys to values
     (`{"algorithm.lr": 0.1}`); `plugins` are module names added to `[plugins] modules`, so that
     the resolved scenario.toml records them and `--resume` imports them again.
     """
+    return expand(prepare_raw(raw, source, overrides, plugins=plugins, copy_raw=copy_raw), source, max_runs=max_runs)
+
+
+def prepare_raw(raw: Mapping[str, Any], source: str = "<scenario dict>", overrides: Any = (),
+                *, plugins: tuple[str, ...] | list[str] = (), copy_raw: bool = True) -> dict[str, Any]:
+    """The scenario's table with the overrides and plug-in modules applied: what `load_raw`
+    expands (and what a sweep keeps in OUT/<name>.sweep.toml so that --resume can finish it)."""
     if not isinstance(raw, Mapping):
         raise ScenarioError(f"expected a table (a dict) of scenario keys, got {type(raw).__name__}", file=source)
     if copy_raw:  # the caller's dict (a notebook's) is never modified
+        _check_depth(raw, source)
         try:
             raw = copy.deepcopy(dict(raw))
         except RecursionError:
@@ -302,7 +321,7 @@ def load_raw(raw: Mapping[str, Any], source: str = "<scenario dict>", overrides:
         if not isinstance(listed, list):
             raise ScenarioError("expected a list of module names", file=source, key="plugins.modules")
         table["modules"] = listed + [m for m in plugins if m not in listed]
-    return expand(raw, source)
+    return raw
 
 
 def _import_plugins(raw: Mapping[str, Any], source: str) -> None:
@@ -327,17 +346,28 @@ def _import_plugins(raw: Mapping[str, Any], source: str) -> None:
 def read_toml(path: str | Path) -> dict[str, Any]:
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SCENARIO_BYTES + 1)
+        if len(data) > MAX_SCENARIO_BYTES:
+            raise ScenarioError(f"larger than {MAX_SCENARIO_BYTES // 2**20} MiB: not a scenario file", file=source)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ScenarioError("file not found", file=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ScenarioError(f"cannot read the file ({exc.__class__.__name__})", file=source) from None
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
     except RecursionError:
         raise ScenarioError("not a scenario: values nested too deeply to read", file=source) from None
+    _check_depth(raw, source)
+    return raw
+
+
+def _check_depth(value: Any, source: str, what: str = "tables and arrays") -> None:
+    if depth(value) > MAX_TOML_DEPTH:
+        raise ScenarioError(f"not a scenario: {what} nested more than {MAX_TOML_DEPTH} deep", file=source)
 
 
 def parse_override(item: str, source: str) -> tuple[list[str], Any]:
@@ -361,6 +391,9 @@ def parse_override(item: str, source: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
+    except RecursionError:
+        raise ScenarioError(f"--set value nested too deeply to read: '{_clip(item)}'", file=source) from None
+    _check_depth(value, source, "the --set value's tables and arrays")
     return path, value
 
 
@@ -395,14 +428,25 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
+def expand(raw: dict[str, Any], source: str, *, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     """The cartesian product of the `[sweep]` lists, each point validated on its own.
 
     `cases = [{...}, {...}]` is a list of whole-scenario overrides (each merged into the file, an
     optional `label` naming it), for comparisons whose points differ in several keys at once, such
-    as a server method against a graph method that needs a [topology].
+    as a server method against a graph method that needs a [topology]. The number of points is
+    counted (and refused beyond `max_runs`) before anything is expanded.
     """
+    skipped = _PLUGINS_OFF.get()
+    if skipped is not None:
+        modules = raw.get("plugins", {}).get("modules") if isinstance(raw.get("plugins"), dict) else None
+        if modules:
+            skipped.append(f"plugins.modules = {modules!r}")
+        return _expand(raw, source, max_runs)
     _import_plugins(raw, source)
+    return _expand(raw, source, max_runs)
+
+
+def _expand(raw: dict[str, Any], source: str, max_runs: int | None) -> list[RunSpec]:
     sweep = raw.get("sweep")
     if sweep is None:
         return [validate(raw, source, {})]
@@ -416,6 +460,11 @@ def expand(raw: dict[str, Any], source: str) -> list[RunSpec]:
     for i, case in enumerate(sweep.get("cases", [])):
         if not isinstance(case, dict):
             raise ScenarioError("expected a table of overrides", file=source, key=f"sweep.cases[{i}]")
+    count = math.prod(len(values) for values in sweep.values())
+    if max_runs is not None and count > max_runs:
+        sizes = " x ".join(str(len(values)) for values in sweep.values())
+        raise ScenarioError(f"{count:,} runs ({sizes}) is more than the limit of {max_runs:,}; "
+                            "raise it with --max-runs N if you mean it", file=source, key="sweep")
     base = {k: v for k, v in raw.items() if k != "sweep"}
     specs = []
     for combo in itertools.product(*sweep.values()):
@@ -440,25 +489,35 @@ def validate(raw: Mapping[str, Any], source: str, swept: dict[str, Any], algorit
     `fedsim.testing.check_flow` can check a build function that is not registered."""
     scenario = _model(Scenario, raw, source, "")
     try:
-        spec = algorithm or algorithm_spec(_known(registry.algorithms, scenario.algorithm.name, "algorithm.name"))
+        found = algorithm or _known(registry.algorithms, scenario.algorithm.name, "algorithm.name")
+        spec = _UNCHECKED_ALGORITHM if found is _UNCHECKED else algorithm_spec(found)
         algorithm_config = _model(spec.config, raw.get("algorithm", {"name": scenario.algorithm.name}), source, "algorithm.")
         _check_plugins(scenario)
-        _check_consistency(scenario, spec, algorithm_config)
+        if found is not _UNCHECKED:
+            _check_consistency(scenario, spec, algorithm_config)
     except FedsimError as exc:
         raise exc.located(file=source) from None
-    return RunSpec(scenario, spec, algorithm_config, source, swept)
+    run = RunSpec(scenario, spec, algorithm_config, source, swept)
+    problem = name_problem(run.run_name)
+    if problem is not None:
+        shown = run.run_name if len(run.run_name) <= 60 else run.run_name[:57] + "..."
+        raise ScenarioError(f"run folder name {shown!r} {problem}", file=source, key="sweep" if swept and
+                            name_problem(scenario.name) is None else "name")
+    return run
 
 
 def _check_plugins(scenario: Scenario) -> None:
     _known(registry.datasets, scenario.data.dataset, "data.dataset")
     model = _known(registry.models, scenario.model.name, "model.name")
-    check_kwargs(model, scenario.model.options(), "model")
+    if model is not _UNCHECKED:
+        check_kwargs(model, scenario.model.options(), "model")
     if scenario.aggregator is not None:
         factory = _known(registry.aggregators, scenario.aggregator.name, "aggregator.name")
-        check_kwargs(factory, scenario.aggregator.options(), "aggregator")
-        from .aggregation import build_aggregator
+        if factory is not _UNCHECKED:
+            check_kwargs(factory, scenario.aggregator.options(), "aggregator")
+            from .aggregation import build_aggregator
 
-        build_aggregator(scenario.aggregator.name, scenario.aggregator.options())  # its own checks too
+            build_aggregator(scenario.aggregator.name, scenario.aggregator.options())  # its own checks too
     if scenario.server_optimizer is not None:
         server_optimizer_config(scenario, "")
     if scenario.adversary is not None:
@@ -467,7 +526,8 @@ def _check_plugins(scenario: Scenario) -> None:
         from .topologies import MIXING_RULES
 
         factory = _known(registry.topologies, scenario.topology.name, "topology.name")
-        check_kwargs(factory, scenario.topology.options(), "topology", skip=1)
+        if factory is not _UNCHECKED:
+            check_kwargs(factory, scenario.topology.options(), "topology", skip=1)
         if scenario.topology.mixing not in MIXING_RULES:
             raise ScenarioError(f"expected one of {', '.join(MIXING_RULES)}, got {scenario.topology.mixing!r}", key="topology.mixing")
 
@@ -509,10 +569,47 @@ def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: Algorith
 
 
 def _known(reg: registry.Registry[Any], name: str, key: str) -> Any:
+    skipped = _PLUGINS_OFF.get()
+    if skipped is not None and ":" in name:
+        skipped.append(f"{key} = {name!r}")
+        return _UNCHECKED
     try:
         return reg.get(name)
+    except UnknownNameError as exc:
+        if skipped is not None and any(item.startswith("plugins.modules") for item in skipped):
+            skipped.append(f"{key} = {name!r}")  # perhaps registered by a module not imported
+            return _UNCHECKED
+        raise exc.located(key=key) from None
     except FedsimError as exc:
         raise exc.located(key=key) from None
+
+
+# `fedsim validate --no-plugins`: `module:Name` plug-ins are listed here instead of imported
+_PLUGINS_OFF: ContextVar[list[str] | None] = ContextVar("fedsim_plugins_off", default=None)
+_UNCHECKED: Any = object()
+
+
+def unchecked_plugins(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                      plugins: tuple[str, ...] | list[str] = (),
+                      max_runs: int | None = MAX_RUNS) -> tuple[list[RunSpec], list[str]]:
+    """`load` without importing any plug-in code (`module:Name` names, `[plugins] modules`,
+    `--plugin`): the specs, and the keys left unchecked for that reason."""
+    skipped: list[str] = []
+    token = _PLUGINS_OFF.set(skipped)
+    try:
+        specs = load(path, overrides, plugins=plugins, max_runs=max_runs)
+    finally:
+        _PLUGINS_OFF.reset(token)
+    return specs, list(dict.fromkeys(skipped))
+
+
+class _UncheckedAlgorithmConfig(AlgorithmConfig):
+    """Stands in for a plug-in algorithm's schema that --no-plugins did not import."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+_UNCHECKED_ALGORITHM = AlgorithmSpec(build=lambda cfg, ctx: None, config=_UncheckedAlgorithmConfig, needs_topology=False)
 
 
 def check_kwargs(factory: Callable[..., Any], options: Mapping[str, Any], section: str, skip: int = 0) -> None:

@@ -7,12 +7,14 @@ little slower or faster, drawn from (seed, client, job) so it never depends on e
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import limits
 from .errors import DataError
 from .scenario import Distribution, SystemConfig
 from .seeding import generator
@@ -73,11 +75,21 @@ def read_trace(
     path: str, n: int, step_time: np.ndarray, bandwidth: np.ndarray, latency: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-client values from a CSV with a `client` column; clients it does not list keep their draws."""
+    where = Path(path)
     try:
-        table = pd.read_csv(Path(path))
+        if where.is_dir():
+            raise DataError("is a folder; expected a CSV trace file", file=path, key="system.trace")
+        limits.check_file_size(where, "trace")
+        with where.open(encoding="utf-8", newline="") as handle:
+            text = "".join(line for _, line in limits.lines(handle, where))
+        table = pd.read_csv(io.StringIO(text))
     except FileNotFoundError:
         raise DataError("trace file not found", file=path, key="system.trace") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except DataError as exc:
+        raise exc.located(key="system.trace") from None
+    except OSError as exc:
+        raise DataError(f"cannot read the trace: {exc.strerror or exc}", file=path, key="system.trace") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"not a CSV trace ({exc.__class__.__name__})", file=path, key="system.trace") from None
     if "client" not in table or "step_time" not in table:
         raise DataError("expected columns client, step_time[, bandwidth_mbps, latency_ms]", file=path, key="system.trace")

@@ -1192,6 +1192,100 @@ def test_fuzzed_data_files_give_one_line_and_exit_2(how):
     run_fuzz(data_case, bad_data(how), DATA_EXAMPLES, "data")
 
 
+# ---------------------------------------------------------------------------------------------
+# names and paths: a run folder's name comes from the scenario (`name`, `--set name=...`, sweep
+# labels), and whatever it is, fedsim either refuses it in one line or writes under --out only
+
+NAME_EXAMPLES = 40  # per route
+NAME_RUN_EXAMPLES = 6  # names actually run (each writes a run folder)
+NAME_MAX_BYTES = 200  # the README's limit on a run folder's name
+
+awkward = st.sampled_from([
+    "", " ", "\t", ".", "..", "...", "../x", "../../etc", "/abs", "/", "a/b", "a\\b", "\\", "\x00", "a\x00b", "a\nb",
+    "\r", "\x7f", "x" * 200, "x" * 201, "é" * 100, "é" * 101, "ok-name", "名前", "-dash", ".hidden", "a=b,c", "~",
+    "$HOME", "%s", "CON", "nul",
+])
+name_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=24)
+name_paths = st.lists(st.sampled_from(["..", ".", "x", "", "é", "\x00"]), min_size=1, max_size=5).map("/".join)
+long_names = st.text(st.sampled_from("ab./é"), min_size=180, max_size=230)
+names = st.one_of(awkward, name_text, name_paths, long_names)
+
+
+def name_is_bad(name: str) -> bool:
+    """The README's rule, restated here so that the oracle is not fedsim's own code."""
+    return (
+        not name.strip()
+        or name in (".", "..")
+        or any(ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 for ch in name)
+        or len(name.encode("utf-8")) > NAME_MAX_BYTES
+    )
+
+
+def name_case(route: str, name: str) -> None:
+    count("names", route)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        raw = _base(SMALL)
+        extra: list[str] = []
+        if route == "file":
+            raw["name"] = name
+        elif route == "set":
+            extra = ["--set", "name=" + tomli_w.dumps({"v": name})[4:].strip()]
+        else:  # a sweep label: sanitised into the run name, so it may never reach another folder
+            raw["sweep"] = {"cases": [{"label": name}]}
+        path = root / "scenario.toml"
+        path.write_text(dump(raw))
+        out = root / "out"
+        code, _, err = run_cli(["validate", str(path), *extra])
+        assert "Traceback" not in err and err.count("\n") == (0 if code == 0 else 1), err
+        if route != "label":
+            assert code == (2 if name_is_bad(name) else 0), (name, err)
+            if code == 2:
+                assert names_key(err.strip(), "name"), err
+                return
+        elif code == 2:
+            assert names_key(err.strip(), "sweep"), err
+            return
+        from fedsim.scenario import load
+
+        for spec in load(path, extra[1:]):
+            assert not name_is_bad(spec.run_name)
+            assert (out / spec.run_name).resolve().parent == out.resolve()
+
+
+NAME_ROUTES = ["file", "set", "label"]
+
+
+@pytest.mark.parametrize("route", NAME_ROUTES)
+def test_fuzzed_names_are_refused_or_stay_under_out(route):
+    run_fuzz(lambda name: name_case(route, name), names, NAME_EXAMPLES, "names")
+
+
+def run_name_case(name: str) -> None:
+    """`fedsim run` with the name: refused with nothing written, or one folder under --out."""
+    count("names", "run")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        raw = _base(SMALL, rounds=1)
+        raw["name"] = name
+        path = root / "scenario.toml"
+        path.write_text(dump(raw))
+        out = root / "a" / "out"
+        code, _, err = run_cli(["run", str(path), "--out", str(out), "--no-progress"])
+        written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p != path)
+        if name_is_bad(name):
+            assert code == 2 and err.count("\n") == 1 and written == [], (name, err, written)
+        else:
+            assert code == 0, (name, err)
+            assert [p for p in written if not p.startswith(str(Path("a", "out")))] == ["a"]
+            folders = [p for p in out.iterdir()]
+            assert len(folders) == 1 and folders[0].name == name and (folders[0] / "summary.json").is_file()
+
+
+def test_fuzzed_names_through_run_write_only_under_out():
+    run_fuzz(run_name_case, st.one_of(awkward, name_text), NAME_RUN_EXAMPLES, "names")
+
+
 def test_total_generated_cases():
     """Runs last in this module: the issue's floor of generated cases, over all fuzzers."""
     if len({k.split(":")[0] for k in COUNTS}) < 4 or total("scenarios") < 300:

@@ -72,7 +72,7 @@ def test_checkpoints_load_without_executing_code_and_go_when_the_run_ends(write_
 
     monkeypatch.setattr(History, "append", stop_after_round_2)
     assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 130
-    data = torch.load(tmp_path / "small" / "checkpoint.pt", weights_only=True)
+    data = checkpoint.load(tmp_path / "small" / "checkpoint.pt")  # checked, then torch.load(weights_only=True)
     assert data["round"] == 1 and "params" in data["flow"]  # round 2 stopped before its checkpoint
     monkeypatch.setattr(History, "append", append)
     assert main(["run", "--resume", str(tmp_path / "small"), "--no-progress"]) == 0

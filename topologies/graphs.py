@@ -22,7 +22,8 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from fedsim.errors import TopologyError
+from fedsim import limits
+from fedsim.errors import DataError, TopologyError
 from fedsim.registry import register_topology, topologies
 
 __all__ = [
@@ -342,8 +343,9 @@ def _node_sort_key(labels: Iterable[Hashable]) -> Callable[[Hashable], Any]:
 def _read_edge_list(path: Path) -> nx.Graph:
     G = nx.Graph()
     try:
+        _within_limits(path)
         with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+            for number, line in limits.lines(handle, path):
                 text = line.split("#", 1)[0].strip()
                 if not text:
                     continue
@@ -365,6 +367,7 @@ def _read_edge_list(path: Path) -> nx.Graph:
 def _read_graphml(path: Path) -> nx.Graph:
     """GraphML may describe a directed or multi-graph; gossip needs a simple undirected one."""
     try:
+        _within_limits(path)
         raw = nx.read_graphml(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise TopologyError(f"{path}: cannot read graph file: {exc}") from None
@@ -377,6 +380,14 @@ def _read_graphml(path: Path) -> nx.Graph:
     G.add_nodes_from(raw.nodes(data=True))
     G.add_edges_from((u, v) for u, v, *_ in raw.edges)
     return G
+
+
+def _within_limits(path: Path) -> None:
+    """Refuse (one line) a graph file larger than fedsim's input limit before reading it."""
+    try:
+        limits.check_file_size(path, "graph file")
+    except DataError as exc:
+        raise TopologyError(exc.message) from None
 
 
 def from_file(path: str | os.PathLike[str], *, n: int | None = None) -> nx.Graph:

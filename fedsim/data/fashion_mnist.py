@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import limits
 from ..errors import DataError
 from ..registry import register_dataset
 from .base import DataInfo, DataPool, describes
@@ -74,15 +75,24 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes (decompressed), refused in one line beyond fedsim's input limit: a small
+    .gz can expand to any size, so decompression stops at the limit."""
     if not path.is_file():
         raise DataError(f"{path} not found")
+    cap = limits.max_input_bytes()
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+                data = f.read(cap + 1)
+        else:
+            limits.check_file_size(path, "IDX file")
+            data = path.read_bytes()
     except (EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{path} is corrupt or truncated: {exc}") from None
+    if len(data) > cap:
+        raise DataError(f"{path}: decompresses to more than the limit of {cap:,} bytes "
+                        "(raise it with FEDSIM_MAX_INPUT_BYTES)")
+    return data
 
 
 def fashion_dir(cfg: Any) -> Path:
