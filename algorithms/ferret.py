@@ -276,7 +276,7 @@ class FerretTrainer:
     k: int = 200
     seed_root: int = 0
     directions: Directions = "iid"
-    budget: Literal["full", "adaptive"] = "adaptive"
+    budget: Literal["adaptive", "full"] = "adaptive"
     resample_seeds: bool = False
     block_ratio: float = 0.9
     track_error: bool = True
@@ -446,7 +446,7 @@ class FerretConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
     K: int = Field(200, ge=1)  # seeds (coordinates) per block
     directions: Directions = "iid"
-    budget: Literal["full", "adaptive"] = "adaptive"
+    budget: Literal["adaptive", "full"] = "adaptive"
     resample_seeds: bool = False
     server_step: Literal["unbiased", "official"] = "unbiased"
     server_lr: float | None = Field(None, gt=0)  # default 1 ("unbiased") or 10 ("official")

@@ -9,7 +9,7 @@ k+1's trainers. Availability is checked by pinging in order and skipping nodes t
 within the ping timeout. Views (last active round and a join/leave counter per peer) travel with
 every model and are merged; joins wait in a pending set until the next send; nodes inactive for
 more than `inactivity_threshold` rounds drop out of the candidates. This is the paper's round
-protocol (its Section 3) as the authors' code runs it (github devos50/decentralized-learning,
+protocol as the authors' code runs it (github devos50/decentralized-learning,
 accdfl/dfl/community.py and sample_manager.py; github sacs-epfl/plexus, dlsim/plexus/community.py
 and sample_manager.py); defaults are theirs.
 
