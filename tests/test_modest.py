@@ -178,6 +178,11 @@ def test_a_round_whose_trainers_and_starter_all_crashed_is_started_again_by_a_wa
     dead = trainers | {starter}
     assert len(trainers) == 6 and starter not in trainers or len(trainers) >= 5
     monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: node not in dead)
+    # every survivor has heard that the round started (acks, pongs): knowing of a round is not
+    # holding its model, and must not keep the watchers waiting
+    for node in range(40):
+        if node not in dead:
+            flow._hear(node, round, ctx.clock.now)
     for r in range(4, 9):
         flow.step(r)
     assert flow.silence_restarts >= 1 and flow.restarts == 0  # the starter's own check died with it
