@@ -1,17 +1,20 @@
 """FedCompass (Li, Chaturvedi, Ryu, Huerta, Mao; ICLR 2024): semi-asynchronous FL with a
-computing-power-aware scheduler.
+computing-power-aware scheduler (arXiv 2309.14675).
 
 The server estimates each client's seconds per local step and assigns it a number of local steps
 Q in [Q_min, Q_max] so that clients of similar finishing time form an arrival group. A group is
 aggregated when all its members have arrived or at its latest arrival time L = t + lambda * Q * v;
 members that miss L go to a general buffer that is folded into the next group aggregation.
 Aggregation is staleness-weighted: w <- w - alpha * sum_j s(TS - ts_j) p_j Delta_j with
-s(tau) = (tau + 1)^(-a). Follows ALGORITHMS.md section 4 (read from APPFL's compass scheduler);
-defaults from its server config: Q_max 100, Q_min 20, beta 0.9, lambda 1.5, alpha 0.9, a 0.5,
-equal client weights.
+s(tau) = (tau + 1)^(-a). Follows the authors' code (github APPFL/FedCompass,
+src/appfl/scheduler/compass_scheduler.py; APPFL's src/appfl/algorithm/aggregator/
+fedcompass_aggregator.py, whose later versions fix the sign of a); defaults from its server config
+(examples/config/server_fedcompass.yaml): Q_max 100, Q_min 20, beta 0.9, lambda 1.5, alpha 0.9,
+a 0.5, equal client weights p_j = 1/N. That is APPFL's weighting, the one FedAsync and FedBuff
+reproduce with `weighting = "appfl"` (docs/conventions.md).
 
-One reading the notes leave open: when no group's estimate gives a Q <= Q_max in step 6c, or the
-best one is below Q_min (negative included), Q is set to Q_max or Q_min respectively.
+A reading fedsim had to choose: when a new group is created and no group's estimate gives a
+Q <= Q_max, Q is Q_max; when the best one is below Q_min (negative included), Q is Q_min.
 """
 
 from __future__ import annotations

@@ -1,42 +1,58 @@
 """Ferret: federated full-parameter tuning with shared randomness (Shu, Hu, Ng, Low, Yu, ICML 2025,
 arXiv 2409.06277).
 
-Clients train with T first-order steps as in FedAvg, but upload only K numbers per block of
-parameters: the update Delta = w_start - w_end is projected onto K random directions that every
-party regenerates from shared seeds, so the message is K coordinates instead of d weights. The
-server aggregates the coordinates, regenerates the directions once, and applies
+Clients train with T first-order steps as in FedAvg, but upload only a few numbers per block of
+parameters: the update Delta = w_start - w_end is projected onto random directions that every
+party regenerates from shared seeds, so the message is coordinates instead of weights. The server
+aggregates the coordinates, regenerates the directions once, and applies
 Delta_tilde = sum_k gamma_k v_k, an unbiased estimate of the clients' mean update.
 
-What the notes (shared/ALGORITHMS.md, section 6) fix and this module follows:
+What follows the paper (its Algorithm 1) and the official code (github
+allen4747/Ferret: optimizers/ferret_optimizer.py `_group_parameters`, `project_update`, `update`;
+server.py `aggregate_seed_pool`; scripts/ferret.sh):
 - blocks: trainable tensors in model order, grouped consecutively until a group would exceed
-  `block_ratio` (0.9) times the median tensor size (the official grouping);
+  `block_ratio` (0.9) times the median tensor size (the official `_group_parameters`);
 - a pool of K seeds drawn once from the run's seed (`resample_seeds = true` draws a fresh pool
   each round instead: an option, not the official behaviour);
 - directions with i.i.d. entries from N(0, 1) truncated to [-1/sqrt(d_l), 1/sqrt(d_l)], drawn from
   a `torch.Generator` seeded by (pool seed, block index), so every worker and the server rebuild
-  the same vectors;
-- paper-form coordinates gamma_k = <v_k, Delta_l> / (K rho_l) with rho_l the exact second moment
-  of an entry, which makes E[sum_k gamma_k v_k] = Delta_l (the official code's d_l / n_l differs
-  from 1 / (n_l rho_l) by about 1/3; the server learning rate absorbs it);
-- `budget = "adaptive"` is the official code's per-block budget n_l = max(2, floor(K ||Delta_l|| /
-  max_l' ||Delta_l'||)) on a random subset of the K seeds (scaled by 1 / (n_l rho_l) here, which
-  keeps it unbiased);
+  the same vectors (the official code seeds torch's global generator with the pool seed alone);
+- the budget, key `budget`: "adaptive" (default, because the official `project_update` always
+  uses it) gives block l n_l = max(2, floor(K ||Delta_l|| / max_l' ||Delta_l'||)) coordinates on a
+  random subset of the K seeds; "full" uses all K in every block (blocks that barely moved cost
+  K numbers instead of 2);
+- the coordinates are the paper's unbiased ones in both cases: gamma_k = <v_k, Delta_l> / (n_l
+  rho_l) with rho_l the exact second moment of an entry, so E[sum_k gamma_k v_k] = Delta_l. The
+  official code uses (d_l / n_l) <v_k, Delta_l> instead, which is d_l rho_l (about 1/3) times that;
 - server: Gamma = mu Gamma + sum_i p_i gamma_i (momentum on coordinates, so it needs a fixed seed
   pool), then for each seed and block u = Gamma_{l,k} v_{l,k} clipped to ||u|| <= clip, and
-  w_l <- w_l - eta_s u, with eta_s constant, linearly or cosine annealed to `server_lr_min`.
+  w_l <- w_l - eta_s u, with eta_s constant, linearly or cosine annealed to `server_lr_min`
+  (the official `update` and main.py's annealing).
 
-Not in the notes, and flagged as this implementation's own choice: `directions = "kron"` draws
-each direction as a rank-one matrix vec(p q^T) over the block reshaped to about sqrt(d) x sqrt(d),
-with p and q from the same seeded generator and entries truncated to +-d^(-1/4) (so every entry
-of v still lies in +-1/sqrt(d)). It is still isotropic (E[v v^T] = rho I), hence still unbiased,
-with a reconstruction error of the same d/K order, but projecting costs one matrix product
-instead of K * d random draws: what makes a 22M-parameter update projectable in under two seconds
-on two cores. The default stays "iid", the paper's construction.
+The server step, key `server_step`:
+- "unbiased" (default): eta_s = `server_lr` (default 1) times the unbiased reconstruction, so the
+  expected step is eta_s times the clients' mean update, FedAvg's step: the paper's form, and the
+  one whose numbers compare with FedAvg's;
+- "official": what the official script does per round. Its coordinates carry d_l rho_l (about
+  1/3, the truncated normal's second moment times the block size) and its server learning rate is
+  10 (scripts/ferret.sh: --slr_max 10 --anneal no), so the step is 10 d_l rho_l, about 3.3 times
+  the mean update. Here the aggregated coordinates are multiplied by d_l rho_l before the clip
+  and `server_lr` defaults to 10. The script also averages clients equally (--equal_weight: set
+  `equal_weights = true`).
+
+This implementation's own choice: `directions = "kron"` draws each direction as a rank-one matrix
+vec(p q^T) over the block reshaped to about sqrt(d) x sqrt(d), with p and q from the same seeded
+generator and entries truncated to +-d^(-1/4) (so every entry of v still lies in +-1/sqrt(d)). It
+is still isotropic (E[v v^T] = rho I), hence still unbiased, with a reconstruction error of the
+same d/K order, but projecting costs one matrix product instead of K * d random draws: what makes
+a 22M-parameter update projectable in under two seconds on two cores. The default stays "iid",
+the paper's construction. ("official" uses the iid directions' d_l rho_l with either kind.)
 
 Download accounting: by default the round's aggregated coordinates (L*K numbers), see
-`FerretConfig.download`. Upload accounting: full budget, 4 bytes per coordinate, K per block (the seed pool is shared and
-every seed is used in order, so no index travels); adaptive budget, 4 bytes per coordinate plus a
-4-byte seed index for each one sent. The simulation still ships the coordinate table densely.
+`FerretConfig.download`. Upload accounting: full budget, 4 bytes per coordinate, K per block (the
+seed pool is shared and every seed is used in order, so no index travels); adaptive budget, 4
+bytes per coordinate plus a 4-byte seed index for each one sent. The simulation still ships the
+coordinate table densely.
 """
 
 from __future__ import annotations
@@ -260,7 +276,7 @@ class FerretTrainer:
     k: int = 200
     seed_root: int = 0
     directions: Directions = "iid"
-    budget: Literal["full", "adaptive"] = "full"
+    budget: Literal["adaptive", "full"] = "adaptive"
     resample_seeds: bool = False
     block_ratio: float = 0.9
     track_error: bool = True
@@ -328,6 +344,13 @@ def reconstruction_error(deltas: Sequence[Tensor], gamma: Tensor, blocks: Sequen
     return num / den if den > 0 else 0.0
 
 
+def official_scale(size: int) -> float:
+    """d_l rho_l for a block of `size` numbers: what the official code's coordinates, (d_l / n_l)
+    <v, Delta>, carry on top of the unbiased 1 / (n_l rho_l) <v, Delta> (about 1/3, since the
+    entries are nearly uniform on +-1/sqrt(d_l))."""
+    return size * truncnorm_second_moment(size**-0.5)
+
+
 def upload_bytes(result: ClientResult) -> int:
     """4 bytes per coordinate sent, plus a 4-byte seed index each when the budget is adaptive."""
     if MASK in result.params:
@@ -358,6 +381,7 @@ class FerretRule:
         clip: float = 10.0,
         equal_weights: bool = False,
         directions: Directions = "iid",
+        server_step: Literal["unbiased", "official"] = "unbiased",
     ):
         self.server_lr = server_lr
         self.server_lr_min = server_lr_min
@@ -366,6 +390,7 @@ class FerretRule:
         self.clip = clip
         self.equal_weights = equal_weights
         self.directions = directions
+        self.server_step = server_step
 
     def bind(self, plan: Sequence[Block], seeds_for: Callable[[int], list[int]], rounds: int) -> "FerretRule":
         self._plan = tuple(plan)
@@ -398,6 +423,8 @@ class FerretRule:
             agg = agg if prev is None else self.momentum * prev + agg
             self.buffer_ = agg
         eta = self.lr_at(round)
+        if self.server_step == "official":  # the official coordinates' d_l rho_l, before the clip
+            agg = agg * torch.tensor([official_scale(b.size) for b in plan], dtype=torch.float64)[:, None]
         updates = decode(agg.to(torch.float32), plan, seeds, self.directions, self.clip if self.clip > 0 else None)
         out = dict(global_params)
         for block, u in zip(plan, updates):
@@ -419,9 +446,10 @@ class FerretConfig(LocalSGDConfig):
     clients_per_round: int = Field(10, ge=1)
     K: int = Field(200, ge=1)  # seeds (coordinates) per block
     directions: Directions = "iid"
-    budget: Literal["full", "adaptive"] = "full"
+    budget: Literal["adaptive", "full"] = "adaptive"
     resample_seeds: bool = False
-    server_lr: float = Field(1.0, gt=0)
+    server_step: Literal["unbiased", "official"] = "unbiased"
+    server_lr: float | None = Field(None, gt=0)  # default 1 ("unbiased") or 10 ("official")
     server_lr_min: float = Field(0.0, ge=0)
     anneal: Literal["none", "linear", "cosine"] = "none"
     server_momentum: float = Field(0.0, ge=0, lt=1)
@@ -450,9 +478,10 @@ def ferret(cfg: FerretConfig, ctx: RunContext) -> ServerRounds:
         SGDTrainer.from_config(cfg), k=cfg.K, seed_root=ctx.seed, directions=cfg.directions, budget=cfg.budget,
         resample_seeds=cfg.resample_seeds, block_ratio=cfg.block_ratio, track_error=cfg.track_error,
     )
+    server_lr = cfg.server_lr if cfg.server_lr is not None else (10.0 if cfg.server_step == "official" else 1.0)
     rule = FerretRule(
-        server_lr=cfg.server_lr, server_lr_min=cfg.server_lr_min, anneal=cfg.anneal, momentum=cfg.server_momentum,
-        clip=cfg.clip, equal_weights=cfg.equal_weights, directions=cfg.directions,
+        server_lr=server_lr, server_lr_min=cfg.server_lr_min, anneal=cfg.anneal, momentum=cfg.server_momentum,
+        clip=cfg.clip, equal_weights=cfg.equal_weights, directions=cfg.directions, server_step=cfg.server_step,
     )
     rule.bind(plan, trainer.seeds, ctx.spec.scenario.rounds)
     trainable = {n for b in plan for n in b.names}

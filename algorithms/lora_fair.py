@@ -15,7 +15,7 @@ aggregation bias); SVD re-factorisation fixes the product but moves the clients'
 (B_avg + dB) A_avg points the way the ideal update does, with lambda ||dB|| keeping the restart
 close to the plain average.
 
-Readings of the notes that are not confirmed by the paper's code (none was available):
+Readings of the paper that no official code could confirm (none was available):
 - the dissimilarity is 1 - cos(vec(dW*), vec((B_avg + dB) A_avg)) and the norm is Frobenius;
 - the solver is proximal gradient descent from dB = 0 (the Frobenius penalty is not differentiable
   at 0; its proximal step is an exact group shrinkage, which also makes dB exactly 0 when the

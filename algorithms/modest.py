@@ -1,5 +1,5 @@
 """MoDeST: mostly-consistent decentralized sampling training (de Vos, Dhasade, Kermarrec, Lavoie,
-Pouwelse, Sharma; arXiv 2302.13837; later "Plexus").
+Pouwelse, Sharma; arXiv 2302.13837; later "Plexus", EuroMLSys 2025).
 
 No server: each round k, the first s available nodes of the candidates ordered by
 MD5(node id || "-" || k) train; they send their models (with their population view) to the first a
@@ -8,18 +8,46 @@ arrived, or at their timeout with at least `liveness_min` models, and send the r
 k+1's trainers. Availability is checked by pinging in order and skipping nodes that do not answer
 within the ping timeout. Views (last active round and a join/leave counter per peer) travel with
 every model and are merged; joins wait in a pending set until the next send; nodes inactive for
-more than `inactivity_threshold` rounds drop out of the candidates. Follows ALGORITHMS.md
-section 3 (read from the authors' accdfl / plexus code); defaults are theirs.
+more than `inactivity_threshold` rounds drop out of the candidates. This is the paper's round
+protocol as the authors' code runs it (github devos50/decentralized-learning,
+accdfl/dfl/community.py and sample_manager.py; github sacs-epfl/plexus, dlsim/plexus/community.py
+and sample_manager.py); defaults are theirs.
 
-Readings fedsim had to choose (the notes leave them open):
+Conventions (keys):
+- `weights`: how an aggregator averages the models it received. "examples" (default) weights
+  them by their clients' example counts, as FedAvg does, so that MoDeST and FedAvg on the same
+  sample (`sampler = "hash"`) give the same models; "equal" is the authors' code, whose
+  aggregators call `aggregate_trained_models()` without weights (plexus dlsim/core/model_manager.py,
+  dlsim/core/gradient_aggregation/fedavg.py: 1/m each).
+- `aggregator_choice`: which nodes of round k+1's sample aggregate round k. "first" (default):
+  the first a available nodes of the hash order, the paper's rule; "fastest": the first s nodes of
+  the order sorted by bandwidth, fastest first, then pinged in that order, as the Plexus runs do
+  (dlsim/plexus/community.py `determine_available_peers_for_sample` with `other_nodes_bws`); if
+  none of those s answers, fedsim goes on down the rest of the order (Plexus would find no one).
+
+Readings fedsim had to choose (the paper and code leave them open):
 - Trainers wait `ack_timeout` for their aggregators' acknowledgement and otherwise forward the
   model to the next available aggregators of the order; a dropped round acknowledges no one.
 - Liveness: when an aggregator drops a round below the liveness minimum, it restarts that round
   from the freshest global model it knows (every node keeps the last one it received), sending it
-  to the round's trainers. And the node that started a round pings its trainers two aggregation
+  to the round's trainers. The node that started a round pings its trainers two aggregation
   timeouts later; if none answers (all crashed, so no aggregator will ever hear of the round), it
-  starts the round again. Without such rules a round whose trainers mostly or all crashed would
-  stall the protocol forever.
+  starts the round again.
+- Silence (`silence_timeout`): if the starter crashed as well, nobody is left to notice, and the
+  protocol would stall for good. So every trainer whose model was aggregated (it got its ack:
+  round k+1 has started) watches the rounds after it: `silence_timeout` later it pings the first s
+  available nodes of the newest round it knows of, whose pongs carry their round estimate (the
+  highest round they have heard of). A newer round means progress: once it has seen
+  `WATCH_ROUNDS` rounds go by it stops watching (the newer trainers watch). Some of them in the
+  round means the round is under way: it waits another `silence_timeout`. None of them in it, a
+  full `silence_timeout` after the watcher learnt of the round, means the round's trainers and its
+  starter are gone: it starts the round again from the freshest model it knows (`silence_restarts`
+  counts these). A node that sits out rounds never watches, and a
+  watcher acts only on what its pings return, so it cannot fire just because it was not sampled.
+  `silence_timeout` defaults to three aggregation timeouts, after the starter's own check, and
+  must exceed the time a round takes to start (its pings and the model transfer). Watchers check
+  one after another, the k-th of the round's order silence_timeout x k / s later than the first,
+  so that the first restart has reached its trainers when the others look.
 - Pings cost one round trip; every unanswered ping in a wave costs the ping timeout. Views are
   counted on the wire at 6 bytes per known peer, pings and acks at 64 bytes.
 """
@@ -27,6 +55,7 @@ Readings fedsim had to choose (the notes leave them open):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -50,6 +79,7 @@ from fedsim import (
 )
 
 SMALL_MESSAGE = 64  # bytes of a ping, pong or acknowledgement
+WATCH_ROUNDS = 3  # a trainer watches the protocol until it has seen this many rounds after its own
 
 
 @checkpointable
@@ -94,6 +124,9 @@ class MoDeSTConfig(LocalSGDConfig):
     batch_size: int = Field(20, ge=1)
     local_steps: int | None = Field(5, ge=1)
     max_round_seconds: float = Field(3600.0, gt=0)  # a recorded round gives up waiting after this
+    silence_timeout: float | None = Field(None, gt=0)  # a watcher's seconds between checks (3 x aggregation_timeout)
+    weights: Literal["examples", "equal"] = "examples"
+    aggregator_choice: Literal["first", "fastest"] = "first"
 
 
 @checkpointable
@@ -109,6 +142,7 @@ class MoDeST:
     STATE = (
         "loop", "jobs", "views", "genesis", "pending", "r_hat", "known_model", "collections", "acked", "tried",
         "initial", "models", "latest", "joined", "left", "dropped_rounds", "restarts", "_round", "_started",
+        "heard", "heard_at", "watching", "silence_restarts",
     )
 
     def __init__(self, cfg: MoDeSTConfig, ctx: RunContext):
@@ -130,6 +164,7 @@ class MoDeST:
             "aggregation_timeout": lambda p, t: self.on_aggregation_timeout(p[0], p[1], t),
             "ack_timeout": lambda p, t: self.on_ack_timeout(p[0], p[1], p[2], t),
             "round_check": lambda p, t: self.on_round_check(p[0], p[1], p[2], p[3], t),
+            "watch": lambda p, t: self.on_watch(p[0], p[1], p[2], t),
         })
         genesis_member = np.where(ctx.net.joining, -1, 0).astype(np.int16)
         self.views: dict[int, View] = {}
@@ -148,6 +183,11 @@ class MoDeST:
         self.nbytes = num_bytes(ctx.init_params)
         self.dropped_rounds = 0
         self.restarts = 0
+        self.heard = np.zeros(n, dtype=np.int64)  # the highest round each node knows was started
+        self.heard_at = np.zeros(n)  # when it learnt of that round
+        self.silence_timeout = cfg.silence_timeout or 3.0 * cfg.aggregation_timeout
+        self.watching = np.full(n, -1, dtype=np.int64)  # the round whose ack a node's watch follows (-1: none)
+        self.silence_restarts = 0
         self.stall_seconds = 0.0
         self._round = 1
         self._started = False
@@ -181,10 +221,17 @@ class MoDeST:
             self.views[node] = View(v.last_active, member)
         return self.view(node)
 
-    def select(self, node: int, round: int, count: int, now: float, skip: int = 0) -> tuple[list[int], float]:
+    def select(
+        self, node: int, round: int, count: int, now: float, skip: int = 0, fastest: bool = False
+    ) -> tuple[list[int], float]:
         """The first `count` nodes of round's order (after `skip` answering ones) that answer a ping,
-        as `node` sees it; returns them and the time the pinging took."""
+        as `node` sees it; returns them and the time the pinging took. `fastest`: the order's first
+        s nodes are pinged by bandwidth, fastest first (ties in hash order), then the rest."""
         order = ordered_candidates(self.view(node).candidates(round, self.cfg.inactivity_threshold, node), round)
+        if fastest:
+            head = order[: self.cfg.sample_size]
+            head = head[np.argsort(-self.ctx.system.bandwidth[head], kind="stable")]
+            order = np.concatenate([head, order[self.cfg.sample_size :]])
         chosen: list[int] = []
         elapsed, pos, answered = 0.0, 0, 0
         latency = float(self.ctx.system.latency[node])
@@ -208,8 +255,13 @@ class MoDeST:
         for r, arrives in self.ctx.net.send(sender, receivers, size, at=now, purpose=f"modest.{kind}", ids=(sender, round)):
             self.loop.at(arrives, kind, (r, round, payload, view, sender))
 
-    def _start_round(self, node: int, round: int, model: Params, now: float) -> None:
-        trainers, delay = self.select(node, round, self.cfg.sample_size, now)
+    def _start_round(self, node: int, round: int, model: Params, now: float, trainers: list[int] | None = None) -> None:
+        """Send `model` as round `round`'s to its trainers: the first s available nodes of the
+        round's order (`trainers`, when the caller has just pinged them)."""
+        self._hear(node, round, now)
+        delay = 0.0
+        if trainers is None:
+            trainers, delay = self.select(node, round, self.cfg.sample_size, now)
         self._send_model(node, trainers, "model", round, model, now + delay)
         check = now + delay + 2 * self.cfg.aggregation_timeout
         self.loop.at(check, "round_check", (node, round, model, tuple(trainers)))
@@ -230,6 +282,7 @@ class MoDeST:
         if not self.ctx.net.alive(trainer, now, self._round) or round <= self.r_hat[trainer]:
             return  # down, or an older (or second) copy of a round it already has
         self.r_hat[trainer] = round
+        self._hear(trainer, round, now)
         self.learn(trainer, view)
         self.known_model[trainer] = (round, model)
         self.jobs.start((trainer, round), TrainJob(trainer, round), model)
@@ -245,7 +298,8 @@ class MoDeST:
         self._deliver(trainer, round, result, now, skip=0)
 
     def _deliver(self, trainer: int, round: int, result: ClientResult, now: float, skip: int) -> None:
-        aggregators, delay = self.select(trainer, round + 1, self.cfg.aggregators, now, skip=skip)
+        fastest = self.cfg.aggregator_choice == "fastest"
+        aggregators, delay = self.select(trainer, round + 1, self.cfg.aggregators, now, skip=skip, fastest=fastest)
         self.tried[(trainer, round)] = skip + len(aggregators)
         self.mark_active(trainer, trainer, round)
         self._send_model(trainer, aggregators, "update", round + 1, result, now + delay)
@@ -289,15 +343,61 @@ class MoDeST:
         collection.done = True
         results = sorted(collection.results, key=lambda r: r.client_id)
         _, current = self.known_model.get(aggregator, (0, self.initial))
-        model = self.ctx.combine(self.rule, current, make_batch(results), round=round - 1, where=f"MoDeST aggregator {aggregator}")
+        m = len(results)
+        batch = make_batch(results, coefficients=[1.0 / m] * m if self.cfg.weights == "equal" else None)
+        model = self.ctx.combine(self.rule, current, batch, round=round - 1, where=f"MoDeST aggregator {aggregator}")
         for r in results:
             self.acked.add((r.client_id, round - 1))
             self.ctx.net.signal(aggregator, r.client_id, SMALL_MESSAGE)
+            self._watch_after_ack(r.client_id, round - 1, now)
         self.known_model[aggregator] = (round - 1, model)
         if round - 1 > self.latest:
             self.latest = round - 1
             self.models = {round - 1: model}
         self._start_round(aggregator, round, model, now)
+
+    def _hear(self, node: int, round: int, now: float) -> None:
+        """`node` learns that round `round` has started (its round estimate, carried by pongs)."""
+        if round > self.heard[node]:
+            self.heard[node] = round
+            self.heard_at[node] = now
+
+    def _watch_after_ack(self, trainer: int, trained: int, now: float) -> None:
+        """The ack tells `trainer` that round `trained` + 1 has started: it starts watching."""
+        if not self.ctx.net.alive(trainer, now, self._round):
+            return
+        self._hear(trainer, trained + 1, now)
+        if self.watching[trainer] >= trained:
+            return  # already watching from this round or a later one
+        self.watching[trainer] = trained  # one watch per node: a newer ack replaces the older one
+        order = ordered_candidates(self.view(trainer).candidates(trained, self.cfg.inactivity_threshold, trainer), trained)
+        place = int(np.flatnonzero(order == trainer)[0]) if trainer in order else 0
+        check = now + self.silence_timeout * (1.0 + place / self.cfg.sample_size)
+        self.loop.at(check, "watch", (trainer, trained, int(self.heard[trainer])))
+
+    def on_watch(self, node: int, trained: int, front: int, now: float) -> None:
+        """Silence check (see the module docstring): ping the first s available nodes of the
+        newest round `node` knows of; each pong carries the highest round its sender has heard
+        of and the round it last received a model for."""
+        if self.watching[node] != trained or not self.ctx.net.alive(node, now, self._round):
+            return  # replaced by a newer watch, or down
+        front = max(front, int(self.heard[node]))
+        answering, delay = self.select(node, front, self.cfg.sample_size, now)
+        others = [p for p in answering if p != node]
+        self.ctx.net.signal(node, others, SMALL_MESSAGE)  # the pongs
+        newest = max([front, *(int(self.heard[p]) for p in others)])
+        self._hear(node, newest, now)
+        if newest >= trained + 1 + WATCH_ROUNDS:
+            self.watching[node] = -1
+            return  # the protocol moved on: newer trainers watch it
+        known_long = now - self.heard_at[node] >= self.silence_timeout  # not a round that just started
+        if newest == front and known_long and not any(self.r_hat[p] >= front for p in answering):
+            # none of the nodes the round's starter would pick now holds the round's model: its
+            # trainers (and its starter) are gone, so start it again
+            self.silence_restarts += 1
+            _, model = self.known_model.get(node, (0, self.initial))
+            self._start_round(node, front, model, now + delay, trainers=answering)
+        self.loop.at(now + delay + self.silence_timeout, "watch", (node, trained, newest))
 
     def on_ack_timeout(self, trainer: int, round: int, result: ClientResult, now: float) -> None:
         if (trainer, round) in self.acked or not self.ctx.net.alive(trainer, now, self._round):
@@ -351,6 +451,7 @@ class MoDeST:
             "global_round": float(self.latest),
             "dropped_rounds": float(self.dropped_rounds),
             "restarted_rounds": float(self.restarts),
+            "silence_restarts": float(self.silence_restarts),
             "round_seconds": self.ctx.clock.now - before,
         }
 

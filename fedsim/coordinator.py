@@ -27,7 +27,7 @@ from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .data.heterogeneity import heterogeneity
-from .errors import FedsimError, ScenarioError
+from .errors import FedsimError, ScenarioError, StalledError
 from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec, local_ray_processes
 from .failures import FailureModel
 from .history import History
@@ -42,6 +42,11 @@ from .scenario import RunSpec, label
 from .seeding import generator
 from .system import SystemModel
 from .training import ClientResult, Trainer, evaluate, get_params, torch_threads
+
+
+# A run whose simulated clock has not moved for this many consecutive rounds has stalled: nothing
+# is in flight any more, so every later round would be a no-op with a frozen curve.
+STALL_ROUNDS = 10
 
 
 class Flow(Protocol):
@@ -329,6 +334,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
     # too: idle OpenMP threads spin for a while after each op, which on a small machine steals the
     # cores the actors are training on.
     started = False
+    stalled, frozen_since = False, None
     with torch_threads(s.system.threads_per_worker):
         try:
             flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
@@ -361,11 +367,16 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                 if saved is None:
                     first = 1
                 bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
+                frozen_since = None  # the first round of the current run of rounds the clock did not move in
                 with bar:
                     for r in range(first, s.rounds + 1):
+                        before = ctx.clock.now
                         train_metrics = flow.step(r)
+                        frozen_since = (frozen_since or r) if ctx.clock.now == before else None
+                        # a clock that never moved (a flow that does not simulate time) is not a stall
+                        stalled = frozen_since is not None and r - frozen_since + 1 >= STALL_ROUNDS and ctx.clock.now > 0
                         out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
-                        if r % s.eval_every == 0 or r == s.rounds or out_of_time:
+                        if r % s.eval_every == 0 or r == s.rounds or out_of_time or stalled:
                             row = _record(history, ctx, flow, r, train_metrics, start)
                             bar.evaluated(row)
                             evaluations = len(history.rows) - 1
@@ -373,7 +384,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                                 with paths.writing(ckpt_path, started=True, run_dir=run_dir):
                                     save_checkpoint(ckpt_path, spec, ctx, flow, history, r, scenario_id)
                         bar.advance()
-                        if out_of_time:
+                        if out_of_time or stalled:
                             break
             completed = True
         except BaseException as exc:
@@ -392,11 +403,18 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
     # The summary is written last but one: a folder with summary.json and no checkpoint.pt is a
     # finished run (runfolder.inspect), so the summary must not appear before the plot is done,
     # and the checkpoint goes only once the summary is safely on disk.
+    stalled_since = frozen_since if stalled else None
     with paths.writing(run_dir, started=True, run_dir=run_dir):
         plot_run(history.frame(), run_dir / "convergence.png", title=spec.run_name)
-        write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start)
+        write_summary(history, ctx, run_dir / "summary.json", time.perf_counter() - start, stalled_since=stalled_since)
         tracking.finish_trackers(trackers, run_dir)  # (they send summary.json too)
         ckpt_path.unlink(missing_ok=True)  # only a run that stopped early needs one
+    if stalled_since is not None:
+        error = StalledError(f"run {spec.run_name} stalled: the simulated clock stayed at {ctx.clock.now:.6g} s from "
+                             f"round {stalled_since} to {r}; stopped there (summary.json: stalled), rows kept",
+                             file=spec.source)
+        error._fedsim_started = True  # type: ignore[attr-defined]  # (the folder holds a run: keep it)
+        raise error
     return run_dir
 
 
@@ -513,7 +531,9 @@ def check_divergence(ctx: RunContext, history: History, r: int) -> None:
                               "lower the learning rate", key="algorithm.lr")
 
 
-def write_summary(history: History, ctx: RunContext, path: Path, wall: float) -> dict[str, Any]:
+def write_summary(
+    history: History, ctx: RunContext, path: Path, wall: float, *, stalled_since: int | None = None
+) -> dict[str, Any]:
     df = history.frame()
     best = int(df["test_accuracy"].idxmax())
     summary = {
@@ -526,12 +546,15 @@ def write_summary(history: History, ctx: RunContext, path: Path, wall: float) ->
         "final_loss": float(df["test_loss"].iloc[-1]),
         "sim_time": float(ctx.clock.now),
         "wall_time": wall,
+        "stalled": stalled_since is not None,
         **ctx.ledger.summary(),
         **(ctx.failures.summary() if ctx.failures.active else {}),
         **heterogeneity(ctx.data, ctx.seed),
     }
     if ctx.spec.scenario.adversary is not None:
         summary["attackers"] = [int(c) for c in ctx.attackers]
+    if stalled_since is not None:
+        summary["stalled_since_round"] = stalled_since
     target = ctx.spec.scenario.target_accuracy
     if target is not None:
         reached = df[df["test_accuracy"] >= target]

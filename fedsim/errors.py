@@ -62,3 +62,10 @@ class DivergenceError(FedsimError):
     """The model went non-finite or its loss exploded (exit code 3)."""
 
     exit_code = 3
+
+
+class StalledError(FedsimError):
+    """The simulated clock stopped advancing: nothing can happen any more (exit code 4). The run's
+    rows and summary.json (`stalled`) are kept."""
+
+    exit_code = 4

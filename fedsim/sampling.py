@@ -18,10 +18,21 @@ def node_hash(node: int, round: int) -> bytes:
 
 
 @lru_cache(maxsize=8)
-def hash_order(num_nodes: int, round: int) -> np.ndarray:
-    """All node ids sorted by their hash for this round (cached: every node of a round uses it)."""
+def _hash_order(num_nodes: int, round: int) -> np.ndarray:
     keys = np.array([int.from_bytes(node_hash(i, round)[:8], "big") for i in range(num_nodes)], dtype=np.uint64)
-    return np.argsort(keys, kind="stable")
+    order = np.argsort(keys, kind="stable")
+    order.flags.writeable = False
+    return order
+
+
+def hash_order(num_nodes: int, round: int) -> np.ndarray:
+    """All node ids sorted by their hash for this round.
+
+    Cached, since every node of a round asks for it, so what callers get is a read-only view of
+    the cached array: a caller that wrote into it would change the round's sample for every later
+    caller. The view cannot be made writeable again (its base is read-only); copy it to modify it.
+    """
+    return _hash_order(num_nodes, round).view()
 
 
 def ordered_candidates(candidates: np.ndarray, round: int) -> np.ndarray:

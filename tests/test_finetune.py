@@ -359,8 +359,8 @@ def test_lora_methods_run_end_to_end_and_count_adapter_bytes(tmp_path):
 def test_ferret_runs_end_to_end_and_uploads_k_numbers_per_block(tmp_path):
     frames = run_cases(
         tmp_path,
-        ['{ label = "ferret", algorithm = { name = "ferret", K = 20 } }',
-         '{ label = "kron", algorithm = { name = "ferret", K = 20, directions = "kron", server_momentum = 0.5 } }',
+        ['{ label = "ferret", algorithm = { name = "ferret", K = 20, budget = "full" } }',
+         '{ label = "kron", algorithm = { name = "ferret", K = 20, budget = "full", directions = "kron", server_momentum = 0.5 } }',
          '{ label = "fedavg", algorithm = { name = "fedavg" } }'],
         rank=0,
     )

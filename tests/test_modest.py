@@ -158,3 +158,91 @@ def test_a_round_whose_trainers_all_crashed_is_started_again(tmp_path, monkeypat
     monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: True)
     flow.on_round_check(starter, round, flow.initial, tuple(trainers), ctx.clock.now)
     assert flow.restarts == 1  # trainers alive: nothing to do
+
+
+def _round_in_flight(flow):
+    """The round whose model is on its way to (or with) its trainers, who started it, and who
+    its trainers are."""
+    round = flow.latest + 1
+    starter = next(a for (a, k), c in flow.collections.items() if k == round and c.done)
+    trainers = {int(n) for n in np.flatnonzero(flow.r_hat == round)}
+    trainers |= {e.payload[0] for e in flow.loop.queue._heap if e.kind == "model" and e.payload[1] == round}
+    return round, starter, trainers
+
+
+def test_a_round_whose_trainers_and_starter_all_crashed_is_started_again_by_a_watcher(tmp_path, monkeypatch):
+    ctx, flow = _modest(tmp_path, MODEST, "algorithm.aggregation_timeout=20.0")
+    for r in range(1, 4):
+        flow.step(r)
+    round, starter, trainers = _round_in_flight(flow)
+    dead = trainers | {starter}
+    assert len(trainers) == 6 and starter not in trainers or len(trainers) >= 5
+    monkeypatch.setattr(ctx.failures, "alive", lambda node, t, r=None: node not in dead)
+    # every survivor has heard that the round started (acks, pongs): knowing of a round is not
+    # holding its model, and must not keep the watchers waiting
+    for node in range(40):
+        if node not in dead:
+            flow._hear(node, round, ctx.clock.now)
+    for r in range(4, 9):
+        flow.step(r)
+    assert flow.silence_restarts >= 1 and flow.restarts == 0  # the starter's own check died with it
+    assert flow.latest >= 8  # rounds keep completing
+    assert not dead & {int(n) for n in np.flatnonzero(flow.r_hat > round)}  # with trainers that answer
+
+
+def test_watchers_never_restart_a_healthy_protocol_even_with_a_short_timeout(tmp_path):
+    """Nodes sit out most rounds (6 of 40 train); a watcher acts only on what its pings say."""
+    curves = {}
+    for timeout in ("0.5", "1000.0"):
+        ctx, flow = _modest(tmp_path, MODEST, f"algorithm.silence_timeout={timeout}")
+        for r in range(1, 9):
+            flow.step(r)
+        assert flow.silence_restarts == 0
+        curves[timeout] = (flow.latest, flow.evaluate())
+    assert curves["0.5"] == curves["1000.0"]
+
+
+CRASH_AT_ROUND_30 = """
+name = "crash80"
+seed = 0
+rounds = 36
+
+[data]
+dataset = "synthetic"
+num_clients = 100
+samples_per_client = 60
+test_size = 500
+
+[model]
+name = "logreg"
+
+[algorithm]              # scenarios/modest.toml's modest-crash80 case, on synthetic data
+name = "modest"
+lr = 0.05
+batch_size = 20
+local_steps = 20
+sample_size = 10
+aggregators = 1
+success_fraction = 0.8
+aggregation_timeout = 60.0
+
+[system]
+executor = "inline"
+compute = { dist = "lognormal", mean = 0.02, sigma = 0.5 }
+link = { bandwidth_mbps = 20, latency_ms = 30 }
+
+[system.failures]
+crash_fraction = 0.8
+crash_round = 30
+"""
+
+
+@pytest.mark.slow
+def test_the_seed_whose_round_in_flight_lost_its_starter_and_every_trainer_keeps_training(write_scenario, tmp_path):
+    # seed 0: round 30's starter and all ten of its trainers are among the crashed 80%; before
+    # the silence rule the event queue drained there and the run froze at global round 29
+    path = write_scenario(CRASH_AT_ROUND_30)
+    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    df = pd.read_csv(tmp_path / "crash80" / "metrics.csv")
+    assert df["silence_restarts"].iloc[-1] >= 1
+    assert df["global_round"].iloc[-1] == 36 and df["sim_time"].iloc[-1] > df["sim_time"].iloc[30]

@@ -326,6 +326,21 @@ def test_spectral_gap_of_ring_matches_closed_form() -> None:
     assert spectral_gap(mixing_matrix(ring(n))) == pytest.approx(expected, abs=1e-12)
 
 
+def test_spectral_gap_of_a_large_sparse_ring_converges_to_the_closed_form() -> None:
+    # Lanczos needs about n/2 iterations on a ring; stopped at 300 it returned 1.58e-5 here
+    # (an upper bound, 1.2x the exact 1.316e-5; 2x at 2,000 nodes)
+    n = 1000
+    expected = 1 - (1 + 2 * math.cos(2 * math.pi / n)) / 3
+    assert spectral_gap(sparse_mixing(ring(n))) == pytest.approx(expected, rel=1e-8)
+
+
+def test_spectral_gap_raises_instead_of_returning_an_unconverged_bound() -> None:
+    with pytest.raises(TopologyError, match="did not converge in 100 iterations"):
+        spectral_gap(sparse_mixing(ring(1000)), max_iter=100)
+    G = random_regular(3000, degree=4, seed=1)  # well connected: converges within the default cap
+    assert 0.05 < spectral_gap(sparse_mixing(G)) < 0.2
+
+
 def test_spectral_gap_orders_topologies() -> None:
     gaps = [spectral_gap(mixing_matrix(f(64))) for f in (ring, torus, hypercube, complete)]
     assert gaps[0] < gaps[1] < gaps[2] < gaps[3] == pytest.approx(1.0)
