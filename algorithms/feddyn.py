@@ -19,9 +19,10 @@ The average of the returned models is the merge step, so any `[aggregator]` rule
 divides alpha by each client's data share relative to the mean (a change for unbalanced clients).
 
 `FedDynObjective` is the client side for the engine: g_k lives in the client's state under
-"grad:<name>" and the job's start model is theta^{t-1}. Not registered yet: the build function (a
-ServerRounds keeping h and applying `server_state_update` and `server_model` after its rule)
-remains.
+"grad:<name>" and the job's start model is theta^{t-1}. `FedDynRounds` merges the returned models
+with the rule (Algorithm 1's plain mean by default: `fedsim.Mean`, not FedAvg's example weights),
+then, in `after_merge`, updates h and moves the model by -h / alpha; h is in its `STATE`, so
+checkpoints keep it. A `[server_optimizer]` steps before that correction.
 """
 
 from __future__ import annotations
@@ -33,7 +34,18 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedsim import LocalSGDConfig, Params, inner_product, squared_distance
+from fedsim import (
+    LocalSGDConfig,
+    Mean,
+    Params,
+    RunContext,
+    ServerRounds,
+    SGDTrainer,
+    UpdateBatch,
+    inner_product,
+    register_algorithm,
+    squared_distance,
+)
 
 GRAD = "grad:"
 
@@ -86,3 +98,31 @@ class FedDynObjective:
         names = [k[len(GRAD):] for k in inputs if k.startswith(GRAD)]
         new = client_state_update({n: inputs[GRAD + n] for n in names}, end, start, self.alpha)
         return {GRAD + n: new[n] for n in names}, {}
+
+
+class FedDynRounds(ServerRounds):
+    """FedAvg's rounds plus the server's h (the mean of every client's g_k)."""
+
+    STATE = ServerRounds.STATE + ("h",)
+
+    def __init__(self, cfg: FedDynConfig, ctx: RunContext):
+        super().__init__(
+            ctx, trainer=SGDTrainer.from_config(cfg, objective=FedDynObjective(cfg.alpha)), aggregator=ctx.rule(Mean()),
+            clients_per_round=cfg.clients_per_round, after_merge=self.correct,
+        )
+        self.alpha = cfg.alpha
+        self.h: Params = {n: torch.zeros_like(t) for n, t in ctx.init_params.items() if t.is_floating_point()}
+        self.previous: Params = self.params
+
+    def step(self, round: int) -> dict[str, float]:
+        self.previous = self.params  # theta^{t-1}, which h's update needs once the model has moved
+        return super().step(round)
+
+    def correct(self, batch: UpdateBatch, round: int) -> None:
+        self.h = server_state_update(self.h, self.previous, batch.params, self.alpha, self.ctx.data.num_clients)
+        self.params = server_model(self.params, self.h, self.alpha)
+
+
+@register_algorithm("feddyn")
+def feddyn(cfg: FedDynConfig, ctx: RunContext) -> FedDynRounds:
+    return FedDynRounds(cfg, ctx)

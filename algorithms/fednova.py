@@ -15,28 +15,59 @@ step count before averaging and rescales by an effective step count (Section 4, 
 The official implementation (JYWa/FedNova, `FedNova` optimizer) accumulates the same a_i as a
 running `local_normalizing_vec`. The merge needs each client's step count, which `UpdateBatch`
 does not carry: `ReportSteps` (a local objective that adds nothing to the loss) puts it in the
-client's extras, where `FedNovaRule` reads it. Not registered yet: the build function is a
-ServerRounds with `SGDTrainer(objective=ReportSteps())` and `FedNovaRule(momentum)` as its
-default rule, clients' steps drawn from the system model or a per-client `local_steps`.
+client's extras, where `FedNovaRule` reads it.
+
+Registered as `fednova`: FedAvg's rounds whose clients run unequal numbers of steps: by default as
+many as their data take (`local_epochs`), with `local_steps_range = [low, high]` a uniform draw per
+client and round, or with `step_budget` (simulated seconds) as many as the client's simulated speed
+allows (the system model). Any `[aggregator]` rule merges: the round hands it each client's model
+rescaled to the common effective step count, w_g + (tau_eff / a_i)(w_i - w_g)
+(`normalised_batch`), so the weighted mean of that batch is FedNova's update and a robust rule
+(median, trimmed mean) is FedNova on normalised updates. With equal steps the batch is left as it
+came and FedNova is FedAvg bit for bit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Annotated, Any, Callable, Sequence
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from fedsim import LocalSGDConfig, Params, UpdateBatch, weighted_sum
+from fedsim import (
+    LocalSGDConfig,
+    Params,
+    RunContext,
+    ServerRounds,
+    SGDTrainer,
+    UpdateBatch,
+    WeightedMean,
+    register_algorithm,
+    weighted_sum,
+)
 
 
 class FedNovaConfig(LocalSGDConfig):
-    """FedNova needs no keys of its own: heterogeneity in steps comes from the system model or a
-    per-client `local_steps`; local momentum is LocalSGDConfig's `momentum` (FedNova's rho)."""
+    """Where unequal steps come from: the clients' data sizes (default), `local_steps_range` (a
+    uniform integer draw per client and round, both ends included; the paper draws local epochs
+    from [2, 5]), or `step_budget` (simulated seconds of local compute per round: a client takes
+    as many steps as its speed allows, at least one). Local momentum is `momentum` (FedNova's rho)."""
 
     clients_per_round: int = Field(10, ge=1)
+    local_steps_range: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=2, max_length=2)
+    step_budget: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "FedNovaConfig":
+        if self.local_steps_range is not None and self.step_budget is not None:
+            raise ValueError("give local_steps_range or step_budget, not both")
+        if self.local_steps_range is not None and self.local_steps_range[0] > self.local_steps_range[1]:
+            raise ValueError(f"local_steps_range must be [low, high] with low <= high, got {self.local_steps_range}")
+        return self
 
 
 def normalizing_factors(local_steps: Sequence[int] | Tensor, momentum: float = 0.0) -> Tensor:
@@ -119,3 +150,45 @@ class FedNovaRule:
             raise ValueError("FedNova: every client result must report its local step count in extras['steps'] "
                              "(train with the ReportSteps objective)")
         return fednova_combine(global_params, batch.params, steps, batch.weights(), self.momentum)
+
+
+def normalised_batch(global_params: Params, batch: UpdateBatch, momentum: float = 0.0) -> UpdateBatch:
+    """The batch with each client's model moved to w_g + (tau_eff / a_i)(w_i - w_g), tau_eff =
+    sum_i p_i a_i with the batch's weights p_i: its weighted mean is `fednova_combine`'s result. A
+    batch whose clients all ran the same number of steps comes back as it is (FedAvg exactly)."""
+    steps = batch.extras.get("steps")
+    if not isinstance(steps, Tensor) or steps.shape != (len(batch),):
+        raise ValueError("FedNova: every client result must report its local step count in extras['steps'] "
+                         "(train with the ReportSteps objective)")
+    a = normalizing_factors(steps, momentum)
+    if bool((a == a[0]).all()):
+        return batch
+    scale = (batch.weights() * a).sum() / a
+    params = {}
+    for name, t in batch.params.items():
+        if not t.is_floating_point():
+            params[name] = t
+            continue
+        g = global_params[name]
+        params[name] = g + scale.to(t.dtype).reshape(-1, *([1] * g.dim())) * (t - g)
+    return replace(batch, params=params)
+
+
+def step_schedule(cfg: FedNovaConfig, ctx: RunContext) -> Callable[[int, int], int | None] | None:
+    """Each client's local steps in a round, from the settings (None: from its data size)."""
+    if cfg.local_steps_range is not None:
+        low, high = cfg.local_steps_range
+        return lambda client, round: int(ctx.generator("fednova.steps", round, client).integers(low, high + 1))
+    if cfg.step_budget is not None:
+        budget = np.maximum(1, np.floor(cfg.step_budget / ctx.system.step_time)).astype(np.int64)
+        return lambda client, round: int(budget[client])
+    return None
+
+
+@register_algorithm("fednova")
+def fednova(cfg: FedNovaConfig, ctx: RunContext) -> ServerRounds:
+    return ServerRounds(
+        ctx, trainer=SGDTrainer.from_config(cfg, objective=ReportSteps()), aggregator=ctx.rule(WeightedMean()),
+        clients_per_round=cfg.clients_per_round, steps=step_schedule(cfg, ctx),
+        prepare=lambda params, batch, round: normalised_batch(params, batch, cfg.momentum),
+    )

@@ -12,8 +12,7 @@ merges like FedAvg, so any `[aggregator]` rule applies; mu = 0 is FedAvg exactly
 The proximal term is stated as a pure local-objective term: a function of one client's trainable
 tensors and the round's global model, out-of-place and branch-free, so the vectorised trainer can
 evaluate it for a whole chunk with `torch.func.vmap`; `ProxObjective` hands it to the engine
-(`SGDTrainer(objective=ProxObjective(mu))`). Not registered yet: the build function is that trainer
-in `ServerRounds`, with the method's row in the README.
+(`SGDTrainer(objective=ProxObjective(mu))`), and the rounds are FedAvg's.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Any
 from pydantic import Field
 from torch import Tensor
 
-from fedsim import LocalSGDConfig, Params, squared_distance
+from fedsim import LocalSGDConfig, Params, RunContext, ServerRounds, SGDTrainer, WeightedMean, register_algorithm, squared_distance
 
 
 class FedProxConfig(LocalSGDConfig):
@@ -32,6 +31,7 @@ class FedProxConfig(LocalSGDConfig):
 
     clients_per_round: int = Field(10, ge=1)
     mu: float = Field(0.01, ge=0)
+    deadline: float | None = Field(None, gt=0)  # simulated seconds; late clients are dropped
 
 
 def prox_term(w: Params, w_global: Params, mu: float) -> Tensor:
@@ -54,3 +54,10 @@ class ProxObjective:
 
     def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]:
         return {}, {}
+
+
+@register_algorithm("fedprox")
+def fedprox(cfg: FedProxConfig, ctx: RunContext) -> ServerRounds:
+    trainer = SGDTrainer.from_config(cfg, objective=ProxObjective(cfg.mu))
+    return ServerRounds(ctx, trainer=trainer, aggregator=ctx.rule(WeightedMean()), clients_per_round=cfg.clients_per_round,
+                        deadline=cfg.deadline)

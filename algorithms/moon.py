@@ -14,21 +14,37 @@ the expression above; it also allows several previous models as negatives (buffe
 
 Only z depends on the trainable weights: z_glob and z_prev come from frozen models on the same
 minibatch. Everything here is out-of-place and branch-free, so the vectorised trainer can run it
-for a whole chunk under `torch.func.vmap`; padded rows are excluded by `mask`. Not registered yet:
-the build function needs the engine's representation hook and client state (the previous local
-model) from issue 11.
+for a whole chunk under `torch.func.vmap`; padded rows are excluded by `mask`. `MoonObjective` is
+the engine side: a `batch_loss` term (it needs the minibatch) whose representations come from
+`fedsim.representation(model)` (the layers before the classifier), with the client's previous
+local model in its state under "prev:<name>" (before its first job: the global model it starts
+from, so that job's contrastive term has no gradient). Rounds and merge are FedAvg's (any
+`[aggregator]` rule).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from fedsim import LocalSGDConfig, Params
+from fedsim import (
+    LocalSGDConfig,
+    Params,
+    RunContext,
+    ScenarioError,
+    ServerRounds,
+    SGDTrainer,
+    WeightedMean,
+    register_algorithm,
+    representation,
+)
+
+PREV = "prev:"
 
 
 class MoonConfig(LocalSGDConfig):
@@ -70,3 +86,40 @@ def moon_term(
     z_global = represent(w_global, x).detach()
     z_prev = represent(w_prev, x).detach()
     return mu * model_contrastive_loss(z, z_global, z_prev, temperature, mask)
+
+
+@dataclass(frozen=True)
+class MoonObjective:
+    """`fedsim.LocalObjective` for MOON: mu * l_con on each minibatch, the previous local model
+    (trainable tensors) in the client's state."""
+
+    mu: float
+    temperature: float
+    names: tuple[str, ...]
+
+    def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
+        return torch.zeros(())
+
+    def batch_loss(self, w: Params, start: Params, inputs: Params, x: Tensor, mask: Tensor,
+                   represent: Callable[[Params, Tensor], Tensor]) -> Tensor:
+        previous = {n: inputs[PREV + n] for n in self.names}
+        return moon_term(represent, w, x, start, previous, mu=self.mu, temperature=self.temperature, mask=mask)
+
+    def initial_state(self, start: Params) -> Params:
+        return {PREV + n: start[n].clone() for n in self.names}
+
+    def after(self, start: Params, end: Params, inputs: Params, steps: int, lr: float) -> tuple[Params, dict[str, Any]]:
+        return {PREV + n: end[n] for n in self.names}, {}
+
+
+@register_algorithm("moon")
+def moon(cfg: MoonConfig, ctx: RunContext) -> ServerRounds:
+    if list(ctx.model.buffers()):  # frozen models' batch-norm statistics would move under them
+        raise ScenarioError("MOON needs a model without buffers (batch norm)", key="model.name")
+    try:
+        representation(ctx.model)
+    except ValueError as exc:
+        raise ScenarioError(str(exc), key="model.name") from None
+    names = tuple(n for n, p in ctx.model.named_parameters() if p.requires_grad)
+    trainer = SGDTrainer.from_config(cfg, objective=MoonObjective(cfg.mu, cfg.temperature, names))
+    return ServerRounds(ctx, trainer=trainer, aggregator=ctx.rule(WeightedMean()), clients_per_round=cfg.clients_per_round)

@@ -20,8 +20,10 @@ learning rate that round. c and every c_i start at zero (Algorithm 1's input).
 `ScaffoldObjective` is the client side for the engine: c arrives in the round's payload under
 "c:<name>" (`server_payload(c)`), c_i lives in the client's state under "c_i:<name>", and each
 client returns Delta c_i in its extras under "delta_c:<name>" (`control_deltas(batch)` reads them
-back, stacked). Not registered yet: the build function (a ServerRounds whose round sends the payload
-and then applies `server_control_update`) and the bytes of both variates remain.
+back, stacked). `ScaffoldRounds` is FedAvg's round sending c with the model (bytes counted by the
+round), counting Delta c_i in each upload, merging the models with any `[aggregator]` rule and then
+moving c in `after_merge`; c is in its `STATE`, so checkpoints keep it. eta_g is the server
+optimiser's step: `global_lr` is shorthand for `[server_optimizer] name = "sgd", lr = eta_g`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,21 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedsim import LocalSGDConfig, Params, UpdateBatch, inner_product
+from fedsim import (
+    ClientResult,
+    LocalSGDConfig,
+    Params,
+    RunContext,
+    ScenarioError,
+    ServerRounds,
+    ServerSGD,
+    SGDTrainer,
+    UpdateBatch,
+    WeightedMean,
+    inner_product,
+    num_bytes,
+    register_algorithm,
+)
 
 SERVER, CLIENT, DELTA = "c:", "c_i:", "delta_c:"
 
@@ -95,3 +111,35 @@ class ScaffoldObjective:
         old = _take(inputs, CLIENT, names)
         new = client_control_update(old, _take(inputs, SERVER, names), start, end, steps, lr)
         return {CLIENT + n: new[n] for n in names}, {DELTA + n: new[n] - old[n] for n in names}
+
+
+def upload_bytes(result: ClientResult) -> int:
+    """A client sends its model and its Delta c_i (Algorithm 1, line 13)."""
+    return num_bytes(result.params) + num_bytes({k: v for k, v in result.extras.items() if k.startswith(DELTA)})
+
+
+class ScaffoldRounds(ServerRounds):
+    """FedAvg's rounds plus the server variate c, sent with the model and moved after each merge."""
+
+    STATE = ServerRounds.STATE + ("c",)
+
+    def __init__(self, cfg: ScaffoldConfig, ctx: RunContext):
+        super().__init__(
+            ctx, trainer=SGDTrainer.from_config(cfg, objective=ScaffoldObjective()), aggregator=ctx.rule(WeightedMean()),
+            clients_per_round=cfg.clients_per_round, upload_bytes=upload_bytes,
+            payload=lambda round: server_payload(self.c), after_merge=self.update_control,
+        )
+        self.c: Params = {n: torch.zeros_like(t) for n, t in ctx.init_params.items() if t.is_floating_point()}
+        if "global_lr" in cfg.model_fields_set:  # eta_g is one knob, whichever table sets it
+            if ctx.server_optimizer is not None:
+                raise ScenarioError("set eta_g in one place: algorithm.global_lr or [server_optimizer] lr",
+                                    key="algorithm.global_lr")
+            ctx.use_server_optimizer(ServerSGD(lr=cfg.global_lr))
+
+    def update_control(self, batch: UpdateBatch, round: int) -> None:
+        self.c = server_control_update(self.c, control_deltas(batch), self.ctx.data.num_clients)
+
+
+@register_algorithm("scaffold")
+def scaffold(cfg: ScaffoldConfig, ctx: RunContext) -> ScaffoldRounds:
+    return ScaffoldRounds(cfg, ctx)

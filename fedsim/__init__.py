@@ -69,12 +69,14 @@ __all__ += [
 ]
 
 from .params import inner_product, squared_distance  # noqa: E402
-from .personal import split_by_prefix, summarize_client_accuracy  # noqa: E402
+from .models import representation  # noqa: E402
+from .personal import KeepLocal, keep_local_rounds, split_by_prefix, summarize_client_accuracy  # noqa: E402
 from .server_optim import FedAdagrad, FedAdam, FedYogi, ServerOptConfig, ServerSGD, build_server_optimizer  # noqa: E402
 
 __all__ += [
     "FedAdagrad", "FedAdam", "FedYogi", "ServerOptConfig", "ServerSGD", "build_server_optimizer",
     "inner_product", "split_by_prefix", "squared_distance", "summarize_client_accuracy",
+    "KeepLocal", "keep_local_rounds", "representation",
 ]
 
 from .api import RunResult, SweepResult, load_runs, run  # noqa: E402

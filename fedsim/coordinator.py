@@ -41,7 +41,7 @@ from .runfolder import RunFolderError, RunLock, RunsIndex
 from .scenario import RunSpec, label
 from .seeding import generator
 from .system import SystemModel
-from .training import ClientResult, Trainer, evaluate, get_params, torch_threads
+from .training import ClientResult, Trainer, correct_predictions, evaluate, get_params, torch_threads
 
 
 # A run whose simulated clock has not moved for this many consecutive rounds has stalled: nothing
@@ -164,6 +164,32 @@ class RunContext:
         if self.server_optimizer is None:
             return combined
         return self.server_optimizer.step(params, combined, round=round)
+
+    def use_server_optimizer(self, default: ServerOptimizer) -> ServerOptimizer:
+        """The server optimiser `server_step` applies: the scenario's `[server_optimizer]` when it
+        has one, else the method's own `default` (FedAdam's Adam, SCAFFOLD's global step size).
+        Call it while building the flow, so that a checkpoint restores its state."""
+        if self.server_optimizer is None:
+            self.server_optimizer = default
+        return self.server_optimizer
+
+    def client_accuracy(self, models: Params | Callable[[int], Params]) -> dict[str, float]:
+        """Mean, 10th percentile and worst accuracy over every client's own held-out examples
+        (`[data] client_test_fraction`), of one model for all (a global method's) or of the model
+        `models(client)` each client would use (a personalised method's); {} without those data."""
+        from .personal import summarize_client_accuracy
+
+        data = self.data
+        if not getattr(data, "has_client_tests", False):
+            return {}
+        with torch_threads(self.spec.scenario.system.threads_per_worker):
+            if isinstance(models, dict):  # one pass over every client's examples, then per client
+                correct = correct_predictions(self.model, models, data.client_x_test, data.client_y_test)
+                counts = np.add.reduceat(correct, data.client_test_offsets[:-1])
+                accuracy = counts / np.diff(data.client_test_offsets)
+            else:
+                accuracy = np.array([evaluate(self.model, models(c), *data.client_test(c))[0] for c in range(data.num_clients)])
+        return summarize_client_accuracy(accuracy)
 
     def generator(self, purpose: str, *ids: int) -> np.random.Generator:
         return generator(self.seed, purpose, *ids)

@@ -23,11 +23,13 @@ def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 @register_model("mlp")
-def mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: Sequence[PositiveInt] = (200,)) -> nn.Module:
+def mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: Sequence[PositiveInt] = (200,), batch_norm: bool = False) -> nn.Module:
+    """batch_norm: a BatchNorm1d after each hidden layer (for FedBN at MLP cost; its statistics are
+    buffers, so clients then train one after another)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), *([nn.BatchNorm1d(h)] if batch_norm else []), nn.ReLU()]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -91,6 +93,45 @@ def char_gru(input_shape: tuple[int, ...], num_classes: int, *, embedding: Posit
              layers: PositiveInt = 2, vocabulary: NonNegativeInt = 0) -> nn.Module:
     """As `char_lstm` with GRU cells: three gates instead of four, a quarter fewer parameters."""
     return _char_rnn("gru", input_shape, num_classes, embedding, hidden, layers, vocabulary)
+
+
+@register_model("cnn_bn")
+def cnn_bn(input_shape: tuple[int, ...], num_classes: int, *, channels: Sequence[PositiveInt] = (32, 64), hidden: PositiveInt = 512) -> nn.Module:
+    """`cnn` with batch normalisation after each convolution and the hidden layer (FedBN's setting,
+    Li et al. 2021). Its running statistics are buffers, so clients train one after another."""
+    if len(input_shape) != 3:
+        raise ValueError("the cnn_bn needs image inputs (channels, height, width)")
+    if len(channels) != 2:
+        raise ValueError("channels takes two widths, one per convolution")
+    c, h, w = input_shape
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(c, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5, padding=2), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * (h // 4) * (w // 4), hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def representation(model: nn.Module) -> nn.Module:
+    """The part of `model` that maps an input to its representation (what the classifier reads),
+    as a module whose tensors carry the model's own state-dict names.
+
+    MOON (Li et al. 2021) compares representations of one input under several models. A
+    `nn.Sequential` ending in a linear classifier has one already: its layers before that
+    classifier (slicing keeps the layer names). Any other model says which by defining
+    `representation(self) -> nn.Module` over its own submodules.
+    """
+    hook = getattr(model, "representation", None)
+    if callable(hook):
+        return hook()
+    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
+        body = model[:-1]
+        if any(True for _ in body.parameters()):
+            return body
+    raise ValueError(f"{type(model).__name__} exposes no representation layer: a model needs a layer before its "
+                     "classifier (logreg has none), or a representation() method")
 
 
 def build_model(name: str, options: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:

@@ -51,6 +51,7 @@ class DataConfig(Section):
     test_size: int = Field(2000, ge=1)
     data_dir: str | None = None
     lazy: bool | None = None  # synthetic: generate clients on demand (default: above 5 M examples)
+    client_test_fraction: float = Field(0.0, ge=0, lt=1)  # each client's held-out share (per-client accuracy)
 
 
 class Distribution(Section):

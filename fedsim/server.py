@@ -45,14 +45,25 @@ class ServerRounds:
         sampler: str = "uniform",
         payload: Callable[[int], Params] | None = None,
         after_merge: Callable[[UpdateBatch, int], None] | None = None,
+        steps: Callable[[int, int], int | None] | None = None,
+        prepare: Callable[[Params, UpdateBatch, int], UpdateBatch] | None = None,
+        client_model: Callable[[int], Params] | None = None,
     ):
         """`payload(round)` is what the server sends every sampled client besides the model
         (SCAFFOLD's control variate); its bytes are counted with each download. `after_merge(batch,
         round)` sees the round's batch once the model has moved (SCAFFOLD's and FedDyn's server
-        state are updated from the clients' extras there)."""
+        state are updated from the clients' extras there). `steps(client, round)` sets a client's
+        local steps for the round (None: the trainer's own count), for methods whose clients do
+        unequal work (FedNova). `prepare(global_params, batch, round)` turns the cohort's batch into
+        the one the rule merges (FedNova's normalised models). `client_model(client)` is the model a
+        client would use, for per-client accuracy (`[data] client_test_fraction`): the global
+        model when not given, a personalised method's own otherwise."""
         self.sampler = sampler
         self.payload = payload
         self.after_merge = after_merge
+        self.steps = steps
+        self.prepare = prepare
+        self.client_model = client_model
         self.ctx = ctx
         self.deadline = deadline
         self.executor = ctx.executor(trainer)
@@ -85,7 +96,8 @@ class ServerRounds:
         extra = self.payload(round) if self.payload is not None else None
         down = self.download_bytes(self.params) + (num_bytes(extra) if extra else 0)
         reached = [c for c in net.post(SERVER, sampled, down, purpose="download", ids=(round,)) if net.alive(c, now, round)]
-        results = self.executor.train(self.params, [TrainJob(c, round) for c in reached], extra) if reached else []
+        jobs = [TrainJob(c, round, steps=None if self.steps is None else self.steps(c, round)) for c in reached]
+        results = self.executor.train(self.params, jobs, extra) if reached else []
         results = ctx.screen(results, round)
         limit = self.deadline if self.deadline is not None else np.inf
         kept, longest = [], 0.0
@@ -104,7 +116,8 @@ class ServerRounds:
         batch = make_batch(kept)
         if hasattr(self.aggregator, "stats_"):
             self.aggregator.stats_ = {}  # this round's figures only
-        combined = ctx.combine(self.aggregator, self.params, batch, round=round, where="the server round")
+        merged = batch if self.prepare is None else self.prepare(self.params, batch, round)
+        combined = ctx.combine(self.aggregator, self.params, merged, round=round, where="the server round")
         self.params = ctx.server_step(self.params, {**self.params, **combined}, round=round)
         if self.after_merge is not None:
             self.after_merge(batch, round)
@@ -116,4 +129,5 @@ class ServerRounds:
 
     def evaluate(self) -> dict[str, float]:
         acc, loss = self.ctx.evaluate(self.params)
-        return {"test_accuracy": acc, "test_loss": loss}
+        clients = self.ctx.client_accuracy(self.params if self.client_model is None else self.client_model)
+        return {"test_accuracy": acc, "test_loss": loss, **clients}

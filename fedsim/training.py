@@ -116,6 +116,16 @@ class LocalObjective(Protocol):
     `initial_state(start)` gives a client's state before its first job (so that every client of
     a chunk has the same keys). `after(start, end, inputs, steps, lr)` returns the client's new
     state and its extras once it has trained; return `({}, {})` when there is nothing to keep.
+
+    Optional, for methods that need more (both trainers honour them, vectorised or not):
+    `personalize(params, inputs)` gives the weights the client starts from when they are not the
+    server's (FedPer's own head, FedBN's own batch norm, Ditto's personal model; `start` stays the
+    server's model); `shared`, a collection of names, is what the client sends back (default:
+    everything; personal tensors then never leave it); `frozen(step)` names the trainable tensors
+    not updated at local step `step` (FedRep's head-then-body schedule); and
+    `batch_loss(w, start, inputs, x, mask, represent)` is a term of the minibatch `x` (rows where
+    `mask` is 0 are padding), with `represent(params, x)` the model's representation layer
+    (`fedsim.representation`) evaluated with other weights (MOON's contrastive loss).
     """
 
     def loss(self, w: Params, start: Params, inputs: Params) -> Tensor: ...
@@ -131,6 +141,34 @@ def objective_inputs(objective: LocalObjective | None, start: Params, job: Train
     if objective is None:
         return {}
     return {**job.inputs, **(job.state or objective.initial_state(start))}
+
+
+def start_weights(objective: LocalObjective | None, params: Params, inputs: Params) -> Params:
+    """The weights a client trains from: the server's, or its own where the objective says so."""
+    hook = getattr(objective, "personalize", None)
+    return params if hook is None else hook(params, inputs)
+
+
+def shared_part(objective: LocalObjective | None, end: Params) -> Params:
+    """What a client sends back: the names its objective shares, or everything."""
+    names = getattr(objective, "shared", None)
+    return end if names is None else {n: end[n] for n in names}
+
+
+def frozen_at(objective: LocalObjective | None, step: int) -> frozenset[str]:
+    """The trainable names not updated at local step `step` (0-based)."""
+    hook = getattr(objective, "frozen", None)
+    return frozenset(hook(step)) if hook is not None else frozenset()
+
+
+def representer(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """`represent(params, x)`: the model's representation layer run with `params` (a dict that may
+    hold more names than the layer uses; it must hold the layer's)."""
+    from .models import representation
+
+    body = representation(model)
+    names = list(body.state_dict())
+    return lambda params, x: torch.func.functional_call(body, {n: params[n] for n in names}, (x,))
 
 
 @dataclass(frozen=True)
@@ -174,7 +212,9 @@ class SGDTrainer:
     def train(
         self, model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob, rng: np.random.Generator
     ) -> TrainOutput:
-        load_params(model, params)
+        objective = self.objective
+        inputs = objective_inputs(objective, params, job)
+        load_params(model, start_weights(objective, params, inputs))
         model.train()
         lr = self.lr_at(job.round)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -182,28 +222,33 @@ class SGDTrainer:
         total = 0.0
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         trainable = list(named.values())
-        inputs = objective_inputs(self.objective, params, job)
+        batch_term = getattr(objective, "batch_loss", None)
+        represent = representer(model) if batch_term is not None else None
 
         def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
             loss = F.cross_entropy(model(xb), yb)
-            if self.objective is not None:
-                loss = loss + self.objective.loss(named, params, inputs)
+            if objective is not None:
+                loss = loss + objective.loss(named, params, inputs)
+            if batch_term is not None:
+                loss = loss + batch_term(named, params, inputs, xb, torch.ones(len(yb)), represent)
             return loss
 
-        for idx in minibatches(len(y), self.batch_size, steps, rng):
+        for step, idx in enumerate(minibatches(len(y), self.batch_size, steps, rng)):
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(xb, yb)
             loss.backward()
             if self.sam_rho > 0:
                 sam_gradient(trainable, lambda: loss_fn(xb, yb), self.sam_rho)
+            for name in frozen_at(objective, step):
+                named[name].grad = None  # torch's SGD skips it: no step, no momentum, no decay
             opt.step()
             total += float(loss.detach())
         end = get_params(model)
         state, extras = ({}, {})
-        if self.objective is not None:
-            state, extras = self.objective.after(params, end, inputs, steps, lr)
-        return TrainOutput(end, steps, total / steps, extras=extras, state=state)
+        if objective is not None:
+            state, extras = objective.after(params, end, inputs, steps, lr)
+        return TrainOutput(shared_part(objective, end), steps, total / steps, extras=extras, state=state)
 
 
 def sam_gradient(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], rho: float) -> None:
@@ -265,6 +310,19 @@ def load_params(model: nn.Module, params: Params) -> None:
 
 def get_params(model: nn.Module) -> Params:
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def correct_predictions(model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    """1 where `params` classify an example of (x, y) right, else 0 (int64, one per example)."""
+    load_params(model, params)
+    model.eval()
+    hits = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(y), batch_size):
+        batch = from_numpy({"x": np.ascontiguousarray(x[start : start + batch_size]),
+                            "y": np.ascontiguousarray(y[start : start + batch_size])})
+        hits.append((model(batch["x"]).argmax(1) == batch["y"]).numpy().astype(np.int64))
+    return np.concatenate(hits)
 
 
 @torch.no_grad()

@@ -20,7 +20,17 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .params import Params
-from .training import SGDTrainer, TrainJob, TrainOutput, minibatches, objective_inputs
+from .training import (
+    SGDTrainer,
+    TrainJob,
+    TrainOutput,
+    frozen_at,
+    minibatches,
+    objective_inputs,
+    representer,
+    shared_part,
+    start_weights,
+)
 
 
 def plan(model: nn.Module, trainer: object) -> tuple[SGDTrainer, list[str] | None] | None:
@@ -59,8 +69,11 @@ def train_chunk(
     model and inputs.
     """
     k = len(jobs)
+    objective = trainer.objective
+    inputs = [objective_inputs(objective, p, job) for p, job in zip(params, jobs)]
+    begin = [start_weights(objective, p, i) for p, i in zip(params, inputs)]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    stacked = {n: torch.stack([p[n] for p in params]).detach().to(device, copy=True) for n in params[0]}
+    stacked = {n: torch.stack([p[n] for p in begin]).detach().to(device, copy=True) for n in params[0]}
     frozen = {n: t for n, t in stacked.items() if n not in trainable}
     weights = {n: t for n, t in stacked.items() if n in trainable}
     steps = [trainer.num_steps(len(y), job) for (x, y), job in zip(data, jobs)]
@@ -68,10 +81,11 @@ def train_chunk(
     lrs = [trainer.lr_at(job.round) for job in jobs]
     lr = torch.tensor(lrs, device=device)
     bs = trainer.batch_size
-    objective = trainer.objective
-    inputs = [objective_inputs(objective, p, job) for p, job in zip(params, jobs)]
-    start = {n: t.clone() for n, t in stacked.items()} if objective is not None else {}
+    # the server's model, which objectives pull towards (a personalised start may differ from it)
+    start = {n: torch.stack([p[n] for p in params]).to(device, copy=True) for n in params[0]} if objective is not None else {}
     extra = {n: torch.stack([i[n] for i in inputs]).to(device) for n in inputs[0]} if objective is not None else {}
+    batch_term = getattr(objective, "batch_loss", None)
+    represent_with = representer(model) if batch_term is not None else None
 
     def loss_fn(
         w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, w0: Params, given: Params,
@@ -81,6 +95,8 @@ def train_chunk(
         loss = per_example.sum() / mask.sum()
         if objective is not None:
             loss = loss + objective.loss(w, w0, given)
+        if batch_term is not None:  # frozen tensors complete any weights the term passes in
+            loss = loss + batch_term(w, w0, given, xb, mask, lambda p, x: represent_with({**fixed, **p}, x))
         return loss, loss
 
     grad_fn = vmap(grad(loss_fn, has_aux=True))
@@ -110,7 +126,10 @@ def train_chunk(
             grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho, start, extra)
         totals += torch.where(active, losses.double(), 0.0).cpu()
         keep = active.to(torch.float32)
+        frozen_now = frozen_at(objective, s)
         for n, w in weights.items():
+            if n in frozen_now:  # as torch's SGD with no gradient: no step, no momentum, no decay
+                continue
             d = grads[n]
             if trainer.weight_decay:
                 d = d + trainer.weight_decay * w
@@ -125,7 +144,7 @@ def train_chunk(
     out = []
     for c in range(k):
         end = {n: t[c] for n, t in final.items()}  # views into one block per tensor
-        result = TrainOutput(end, steps[c], float(totals[c] / steps[c]))
+        result = TrainOutput(shared_part(objective, end), steps[c], float(totals[c] / steps[c]))
         if not finite[c]:
             result.metrics["nonfinite"] = 1.0
         if objective is not None:

@@ -271,6 +271,13 @@ def scenario(algorithm: dict, *, topology: bool = False, model: dict | None = No
     return raw
 
 
+def personal(algorithm: dict, *, model: dict | None = None) -> dict:
+    """A scenario whose clients hold out a quarter of their data, for per-client accuracy."""
+    raw = scenario(algorithm, model=model)
+    raw["data"]["client_test_fraction"] = 0.25
+    return raw
+
+
 PRETRAINED = {"name": "pretrained_mlp", "hidden": [16], "pretrain_examples": 400, "pretrain_epochs": 1}
 UNEVEN = {"compute": {"dist": "uniform", "low": 0.01, "high": 0.08}}
 GRAPH = {"local_steps": 2}
@@ -294,6 +301,23 @@ FLOWS = {
                           model={**PRETRAINED, "rank": 2}),
     "ferret": scenario({"name": "ferret", "clients_per_round": 3, "local_steps": 3, "K": 20, "server_momentum": 0.5},
                        model={**PRETRAINED, "rank": 0}),
+    # issue 12's baselines: server state (SCAFFOLD's c, FedDyn's h), server optimisers' moments,
+    # drawn steps, and client state (variates, previous models, heads, batch norm, personal models)
+    "fedprox": scenario({"name": "fedprox", "clients_per_round": 3, "mu": 0.1}),
+    "scaffold": scenario({"name": "scaffold", "clients_per_round": 3, "global_lr": 0.8}),
+    "fednova": scenario({"name": "fednova", "clients_per_round": 3, "local_steps_range": [1, 4]}),
+    "fedadam": scenario({"name": "fedadam", "clients_per_round": 3}),
+    "fedyogi": scenario({"name": "fedyogi", "clients_per_round": 3}),
+    "fedadagrad": scenario({"name": "fedadagrad", "clients_per_round": 3}),
+    "fedavgm": scenario({"name": "fedavgm", "clients_per_round": 3}),
+    "feddyn": scenario({"name": "feddyn", "clients_per_round": 3, "alpha": 0.1}),
+    "moon": scenario({"name": "moon", "clients_per_round": 3}),
+    "ditto": personal({"name": "ditto", "clients_per_round": 3}),
+    "fedper": personal({"name": "fedper", "clients_per_round": 3}),
+    "fedrep": personal({"name": "fedrep", "clients_per_round": 3, "head_steps": 2}),
+    "fedbn": personal({"name": "fedbn", "clients_per_round": 3}, model={"name": "mlp", "hidden": [16], "batch_norm": True}),
+    "local": personal({"name": "local", "clients_per_round": 3}),
+    "fedavg_ft": personal({"name": "fedavg_ft", "clients_per_round": 3, "finetune_steps": 2}),
 }
 
 

@@ -8,7 +8,7 @@ handful of plain numpy arrays that Ray's object store can share between processe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ from ..errors import DataError
 
 # Constants that separate the random streams drawn from one seed (see `np.random.default_rng`).
 PARTITION_PURPOSE = 0x5041_5254  # "PART"
+CLIENT_TEST_PURPOSE = 0x4354_5354  # "CTST": which of a client's examples are held out
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +94,10 @@ class FederatedData:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    # `[data] client_test_fraction`: every client's held-out examples, laid out like x and y
+    client_x_test: np.ndarray | None = None
+    client_y_test: np.ndarray | None = None
+    client_test_offsets: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:
@@ -112,6 +117,17 @@ class FederatedData:
     def num_examples(self) -> np.ndarray:
         """Per-client sizes, the weights of sample-weighted aggregation."""
         return np.diff(self.offsets).astype(np.int64)
+
+    @property
+    def has_client_tests(self) -> bool:
+        return self.client_test_offsets is not None
+
+    def client_test(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client `cid`'s own held-out examples (views), for per-client evaluation."""
+        if self.client_test_offsets is None:
+            raise ValueError("no per-client test data: set [data] client_test_fraction")
+        lo, hi = int(self.client_test_offsets[cid]), int(self.client_test_offsets[cid + 1])
+        return self.client_x_test[lo:hi], self.client_y_test[lo:hi]  # type: ignore[index]
 
 
 @dataclass(frozen=True)
@@ -187,6 +203,8 @@ def build_federated_data(cfg: Any, seed: int) -> FederatedData:
     from .partition import partition
 
     if wants_lazy(cfg):
+        if getattr(cfg, "client_test_fraction", 0.0):
+            raise DataError("client_test_fraction needs the federation in memory; set [data] lazy = false")
         return lazy_synthetic(cfg, seed)  # type: ignore[return-value]  (same interface, generated on demand)
     loader = registry.datasets.get(cfg.dataset)
     pool = loader(cfg, seed)
@@ -195,4 +213,31 @@ def build_federated_data(cfg: Any, seed: int) -> FederatedData:
             f"data set loader '{cfg.dataset}' returned {type(pool).__name__}, not a DataPool"
         )
     rng = np.random.default_rng([seed, PARTITION_PURPOSE])
-    return federate(pool, partition(pool, cfg, rng))
+    parts = partition(pool, cfg, rng)
+    fraction = float(getattr(cfg, "client_test_fraction", 0.0) or 0.0)
+    if fraction <= 0:
+        return federate(pool, parts)
+    train, test = hold_out(parts, fraction, np.random.default_rng([seed, CLIENT_TEST_PURPOSE]))
+    data = federate(pool, train)
+    order = np.concatenate(test)
+    offsets = np.zeros(len(test) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in test], out=offsets[1:])
+    return replace(data, client_x_test=np.ascontiguousarray(pool.x_train[order]),
+                   client_y_test=np.ascontiguousarray(pool.y_train[order]), client_test_offsets=offsets)
+
+
+def hold_out(parts: Sequence[np.ndarray], fraction: float, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's examples at random into (train, test), round(fraction * n) of them held
+    out, at least one each way: personalised methods are judged on data like the client's own,
+    which the pooled test set is not. The split draws from its own stream, so the partition (which
+    examples a client owns) is the same with or without it."""
+    train, test = [], []
+    for k, part in enumerate(parts):
+        n = len(part)
+        if n < 2:
+            raise DataError(f"client {k} has {n} example(s): client_test_fraction needs at least 2 per client")
+        n_test = min(n - 1, max(1, int(round(fraction * n))))
+        shuffled = part[rng.permutation(n)]
+        test.append(np.sort(shuffled[:n_test]))
+        train.append(np.sort(shuffled[n_test:]))
+    return train, test
