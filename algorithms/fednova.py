@@ -126,6 +126,8 @@ class ReportSteps:
     """`fedsim.LocalObjective` that changes nothing in training and reports the client's local
     step count in its extras ("steps"), for FedNova's merge."""
 
+    changes_loss = False
+
     def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
         return torch.zeros(())
 

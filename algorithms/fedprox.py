@@ -46,6 +46,10 @@ class ProxObjective:
 
     mu: float
 
+    @property
+    def changes_loss(self) -> bool:  # mu = 0: FedAvg's local steps, on FedAvg's fastest path
+        return self.mu != 0
+
     def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
         return prox_term(w, start, self.mu)
 

@@ -97,6 +97,10 @@ class MoonObjective:
     temperature: float
     names: tuple[str, ...]
 
+    @property
+    def changes_loss(self) -> bool:  # mu = 0: FedAvg's local steps (the state is still kept)
+        return self.mu != 0
+
     def loss(self, w: Params, start: Params, inputs: Params) -> Tensor:
         return torch.zeros(())
 

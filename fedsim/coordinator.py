@@ -21,7 +21,7 @@ import networkx as nx
 import numpy as np
 import tomli_w
 from torch import nn
-from . import __version__, checkpoint, paths, runfolder, tracking, vectorized
+from . import __version__, checkpoint, paths, runfolder, tracking
 from .client_state import ClientStates, StatefulExecutor
 from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
@@ -112,7 +112,7 @@ class RunContext:
             options = {"seed": int(self.generator("topology").integers(2**31)), **topo.options()}
             self.graph = _located(lambda: build(topo.name, self.data.num_clients, **options), spec, "topology")
         self._executors: list[Executor] = []
-        self._said_sequential = False
+        self.training_paths: list[dict[str, Any]] = []  # how each executor's clients trained (summary.json)
         self.client_states = ClientStates()
         self._choice: Any = None  # the executor `auto` chose, decided once per run
 
@@ -222,11 +222,7 @@ class RunContext:
                 clients_per_actor=s.system.clients_per_actor,
                 address=self.options.address or s.system.address,
             )
-        self._executors.append(executor)
-        if spec.vectorize is not False and not self._said_sequential and vectorized.plan(self.model, trainer) is None:
-            self._said_sequential = True
-            reason = "the model has buffers" if list(self.model.buffers()) else f"{type(trainer).__name__} has no vectorised form"
-            print(f"fedsim: clients train one after another ({reason})")
+        self._executors.append(executor)  # it says, once, how its clients train (vectorised or not, why)
         return StatefulExecutor(executor, self.client_states)
 
     def _flipped_labels(self) -> tuple[int, ...]:
@@ -284,6 +280,7 @@ class RunContext:
             checkpoint.restore(self.server_optimizer, state["server_optimizer"])
 
     def close(self) -> None:
+        self.training_paths += [e.path.as_dict() for e in self._executors if getattr(e, "path", None) is not None]
         for executor in self._executors:
             executor.close()
         self._executors.clear()
@@ -343,7 +340,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                                              file=str(ckpt_path))
         try:
             spec = replace(spec, swept=checkpoint.decode(saved["swept"]))
-            rows = checkpoint.decode(saved["history"])
+            rows = _saved_rows(saved["history"])
             ctx_state = checkpoint.decode(saved["ctx"])
             first = int(saved["round"]) + 1
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -394,21 +391,31 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                     first = 1
                 bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
                 frozen_since = None  # the first round of the current run of rounds the clock did not move in
-                with bar:
+                pending = _Pending(history, bar)  # an evaluation overlapping the next round's training
+                with bar, pending:
                     for r in range(first, s.rounds + 1):
                         before = ctx.clock.now
-                        train_metrics = flow.step(r)
+                        try:
+                            train_metrics = flow.step(r)
+                        finally:
+                            pending.finish()  # the previous round's row goes first, as without overlap
                         frozen_since = (frozen_since or r) if ctx.clock.now == before else None
                         # a clock that never moved (a flow that does not simulate time) is not a stall
                         stalled = frozen_since is not None and r - frozen_since + 1 >= STALL_ROUNDS and ctx.clock.now > 0
                         out_of_time = s.sim_time_budget is not None and ctx.clock.now >= s.sim_time_budget
                         if r % s.eval_every == 0 or r == s.rounds or out_of_time or stalled:
-                            row = _record(history, ctx, flow, r, train_metrics, start)
-                            bar.evaluated(row)
-                            evaluations = len(history.rows) - 1
-                            if s.checkpoint_every and evaluations % s.checkpoint_every == 0:
-                                with paths.writing(ckpt_path, started=True, run_dir=run_dir):
-                                    save_checkpoint(ckpt_path, spec, ctx, flow, history, r, scenario_id)
+                            evaluations = len(history.rows)  # once this row is in
+                            checkpoint_now = bool(s.checkpoint_every) and evaluations % s.checkpoint_every == 0
+                            snapshot = getattr(flow, "evaluation", None)
+                            job = snapshot() if snapshot is not None else None
+                            if job is not None and not checkpoint_now and r < s.rounds and not (out_of_time or stalled):
+                                pending.start(job, _row_start(ctx, r, train_metrics, start))
+                            else:
+                                row = _record(history, ctx, flow, r, train_metrics, start)
+                                bar.evaluated(row)
+                                if checkpoint_now:
+                                    with paths.writing(ckpt_path, started=True, run_dir=run_dir):
+                                        save_checkpoint(ckpt_path, spec, ctx, flow, history, r, scenario_id)
                         bar.advance()
                         if out_of_time or stalled:
                             break
@@ -456,10 +463,15 @@ def save_checkpoint(path: Path, spec: RunSpec, ctx: RunContext, flow: Flow, hist
     checkpoint.save(path, {
         "round": r,
         "swept": checkpoint.encode(spec.swept),
-        "history": checkpoint.encode(history.rows),
+        "history": history.encoded(),
         "ctx": checkpoint.encode(ctx.state()),
         "flow": checkpoint.capture(flow),
     }, scenario=scenario_id)
+
+
+def _saved_rows(saved: Any) -> list[dict[str, Any]]:
+    """A checkpoint's metrics rows: one JSON text, or (older checkpoints) encoded containers."""
+    return History.decoded(saved) if isinstance(saved, str) else checkpoint.decode(saved)
 
 
 def resume(run_dir: str | Path, options: RunOptions = RunOptions(), *,
@@ -524,31 +536,98 @@ def _stderr(line: str) -> None:
     print(f"fedsim: {line}", file=sys.stderr)
 
 
+@dataclass
+class _RowStart:
+    """What a metrics row records of the moment its round ended, taken before the next round
+    runs (an evaluation may finish during it)."""
+
+    ctx: RunContext
+    round: int
+    train: dict[str, float]
+    fields: dict[str, Any]
+    first_bad: tuple[int, int] | None
+
+
+def _row_start(ctx: RunContext, r: int, train: dict[str, float], start: float) -> _RowStart:
+    fields = {"sim_time": ctx.clock.now, "wall_time": time.perf_counter() - start, "bytes_sent": ctx.ledger.total,
+              "dropped_updates": ctx.dropped_updates}
+    return _RowStart(ctx, r, train, fields, ctx.first_bad)
+
+
 def _record(history: History, ctx: RunContext, flow: Flow, r: int, train: dict[str, float], start: float) -> dict[str, Any]:
+    begun = _row_start(ctx, r, train, start)
+    return _append(history, begun, flow.evaluate())
+
+
+def _append(history: History, begun: _RowStart, metrics: dict[str, float]) -> dict[str, Any]:
+    f, train = begun.fields, begun.train
     row: dict[str, Any] = {
-        "round": r,
-        "sim_time": ctx.clock.now,
-        "wall_time": time.perf_counter() - start,
-        **flow.evaluate(),
+        "round": begun.round,
+        "sim_time": f["sim_time"],
+        "wall_time": f["wall_time"],
+        **metrics,
         "train_loss": train.get("train_loss", float("nan")),
-        "bytes_sent": ctx.ledger.total,
+        "bytes_sent": f["bytes_sent"],
     }
     row.update({k: v for k, v in train.items() if k not in row})
-    if ctx.spec.scenario.system.on_divergence == "drop":
-        row["dropped_updates"] = ctx.dropped_updates
+    if begun.ctx.spec.scenario.system.on_divergence == "drop":
+        row["dropped_updates"] = f["dropped_updates"]
     history.append(row)
-    check_divergence(ctx, history, r)
+    check_divergence(begun.ctx, history, begun.round, begun.first_bad)
     return row
 
 
-def check_divergence(ctx: RunContext, history: History, r: int) -> None:
-    """Stop (exit code 3) when the model went non-finite or its test loss exploded."""
+class _Pending:
+    """At most one evaluation running on a second thread while the next round trains.
+
+    A flow that offers `evaluation()` (a function computing its metrics from a snapshot of what
+    `evaluate` reads) has its evaluation overlap the next round: on two cores a small cohort's
+    round then costs its training, not its training plus a test-set pass. The row is appended,
+    and divergence checked, with what was known when its round ended, before the next row, so
+    metrics.csv, the exit code and the error are those of a run without overlap. Checkpoints and
+    the last round wait for their evaluation."""
+
+    def __init__(self, history: History, bar: Any):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.history, self.bar = history, bar
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-evaluation")
+        self.job: tuple[Any, _RowStart] | None = None
+
+    def start(self, evaluation: Any, begun: _RowStart) -> None:
+        self.job = (self.pool.submit(evaluation), begun)
+
+    def finish(self) -> None:
+        if self.job is None:
+            return
+        future, begun = self.job
+        self.job = None
+        self.bar.evaluated(_append(self.history, begun, future.result()))
+
+    def __enter__(self) -> "_Pending":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None:
+                self.finish()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_NOW = object()
+
+
+def check_divergence(ctx: RunContext, history: History, r: int, first_bad: Any = _NOW) -> None:
+    """Stop (exit code 3) when the model went non-finite or its test loss exploded. `first_bad`:
+    the first non-finite update known when round r ended (default: known now)."""
     from .errors import DivergenceError
 
     loss = history.rows[-1]["test_loss"]
     initial = history.rows[0]["test_loss"]
-    if ctx.first_bad is not None:
-        client, k = ctx.first_bad
+    first_bad = ctx.first_bad if first_bad is _NOW else first_bad
+    if first_bad is not None:
+        client, k = first_bad
         raise DivergenceError(f"diverged: client or node {client} sent a non-finite update in round {k} "
                               f"(seen at the evaluation of round {r}; on_divergence = \"drop\" discards such updates)",
                               key="system.on_divergence")
@@ -576,6 +655,7 @@ def write_summary(
         **ctx.ledger.summary(),
         **(ctx.failures.summary() if ctx.failures.active else {}),
         **heterogeneity(ctx.data, ctx.seed),
+        "training": ctx.training_paths,  # vectorised or one after another, and why, per executor
     }
     if ctx.spec.scenario.adversary is not None:
         summary["attackers"] = [int(c) for c in ctx.attackers]

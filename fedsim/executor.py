@@ -16,19 +16,23 @@ import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from . import vectorized
+from . import training_path, vectorized
 from .data import FederatedData
 from .models import build_model
 from .errors import ClientError, FedsimError, PluginError
 from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
+from .stacked_linear import LinearStack
 from .training import ClientResult, TrainJob, Trainer, TrainOutput, torch_threads
+from .training_path import TrainingPath, calibrate
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class WorkerSpec:
     plugins: tuple[str, ...] = ()  # [plugins] modules, imported first: they may register the model
     plugin_dirs: tuple[str, ...] = ()  # where the driver found them
     label_flip: tuple[int, ...] = ()  # attackers that train on labels C - 1 - y
+    chunk_threads: int = 1  # vectorised chunks trained at once (the inline executor: one per core)
 
 
 class Worker:
@@ -63,25 +68,90 @@ class Worker:
             import_modules(spec.plugins, spec.plugin_dirs)
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
         self.plan = vectorized.plan(self.model, spec.trainer)
+        self.stack = LinearStack.of(self.model, tuple(spec.input_shape)) if self.plan is not None else None
         supported = self.plan is not None
-        self.vectorize = supported if spec.vectorize is None else (spec.vectorize and supported)
         cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+        self.path: TrainingPath | None = None  # decided on the first jobs unless forced or unsupported
+        self._pool: ThreadPoolExecutor | None = None  # chunk threads, started on first use
+        if not supported:
+            if list(self.model.buffers()):
+                why = "the model has buffers"
+            elif getattr(self.model, "vectorize", True) is False:
+                why = f"the model ({type(self.model).__name__}) opts out of vectorised training"
+            else:
+                why = f"{type(spec.trainer).__name__} has no vectorised form"
+            self.path = TrainingPath(False, why)
+        elif spec.vectorize is not None:
+            self.path = TrainingPath(spec.vectorize, f"system.vectorize = {str(spec.vectorize).lower()}", self.engine)
+        elif cuda:
+            self.path = TrainingPath(True, "a GPU: one batched computation per chunk keeps it busy", self.engine)
+        self.vectorize = supported and (self.path is None or self.path.vectorize)
         self.device = torch.device("cuda" if cuda and self.vectorize else "cpu")
         if self.device.type == "cuda":
             self.model.to(self.device)  # functional_call reads the module's structure there
+        self._channels_last = False  # while training one client after another, see _nhwc
+        if self.device.type == "cpu" and len(spec.input_shape) == 3 and any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            self._nhwc()
 
-    def run(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> list[ClientResult]:
+    @property
+    def engine(self) -> str:
+        """How a vectorised chunk computes its gradients."""
+        return "stacked MLP backward" if self.stack is not None else "vmap"
+
+    def run(
+        self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None,
+        vectorize: bool | None = None,
+    ) -> list[ClientResult]:
+        """Train `jobs` from `shared`. `vectorize` is the path the executor decided for every
+        worker; None: this worker's own decision (calibrated on these jobs the first time)."""
         tensors = from_numpy(shared)
         if payload:  # the round's payload reaches each trainer with the job's own inputs
             extra = from_numpy(payload)
             jobs = [replace(j, inputs={**extra, **j.inputs}) for j in jobs]
-        if self.vectorize:
+        if vectorize is None:
+            vectorize = self.decide(tensors, jobs).vectorize
+        if vectorize and self.plan is not None:
             return self._run_vectorized(tensors, jobs)
         return self._run_sequential(tensors, jobs)
 
+    def decide(self, tensors: Params, jobs: Sequence[TrainJob]) -> "TrainingPath":
+        """Vectorised or one client after another, whichever is faster here (see `calibrate`)."""
+        if self.path is None:
+            self.path = calibrate(self, tensors, jobs)
+            self.vectorize = self.path.vectorize
+        return self.path
+
+    def decide_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> "TrainingPath":
+        """`decide` from what an actor receives (the Ray executor asks one actor for all)."""
+        tensors = from_numpy(shared)
+        if payload:
+            extra = from_numpy(payload)
+            jobs = [replace(j, inputs={**extra, **j.inputs}) for j in jobs]
+        return self.decide(tensors, jobs)
+
+    def _nhwc(self) -> None:
+        """Convolutions one client after another run in channels-last layout: oneDNN's CPU kernels
+        are about an eighth faster in it (the model's tensors are kept that way, each input
+        batch converted on entry; results are handed back contiguous). Vectorised chunks, which
+        call the module with stacked tensors of their own, never see the conversion."""
+        self.model.to(memory_format=torch.channels_last)
+
+        def convert(module: nn.Module, args: tuple) -> tuple | None:
+            if self._channels_last and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+                return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+            return None
+
+        self.model.register_forward_pre_hook(convert)
+
     def _train_one(self, params: Params, x: np.ndarray, y: np.ndarray, job: TrainJob) -> TrainOutput:
         rng = generator(self.spec.seed, "train", job.client_id, job.round)
-        return TrainOutput.coerce(self.spec.trainer.train(self.model, params, x, y, job, rng))
+        self._channels_last = True
+        try:
+            out = TrainOutput.coerce(self.spec.trainer.train(self.model, params, x, y, job, rng))
+        finally:
+            self._channels_last = False
+        out.params = {k: v.contiguous() for k, v in out.params.items()}
+        return out
 
     def _run_sequential(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
         results = []
@@ -103,30 +173,57 @@ class Worker:
                 results.append(_result(job, len(y), out))
         return results
 
-    def _run_vectorized(self, tensors: Params, jobs: Sequence[TrainJob]) -> list[ClientResult]:
-        """Chunks of at most `chunk_size` jobs, each trained as one batched computation."""
-        results = []
-        size = self.spec.chunk_size
+    def _run_vectorized(self, tensors: Params, jobs: Sequence[TrainJob], parallel: bool = True) -> list[ClientResult]:
+        """Chunks of at most `chunk_size` jobs, each trained as one batched computation. Jobs are
+        grouped by step count first, so that a chunk rarely waits for one long client (a client's
+        numbers do not depend on which clients share its chunk); results keep the jobs' order.
+
+        With `chunk_threads` > 1 and the stacked engine (which touches no shared module), chunks
+        train on that many threads at once, the cohort split into at least as many chunks (of at
+        least MIN_CHUNK clients): every op runs single-threaded on its own thread, so the numbers
+        are those of one thread, and an inline run keeps both cores of a small machine busy."""
+        sgd, names = self.plan  # type: ignore[misc]
+        data = [self.client_data(j.client_id) for j in jobs]
+        steps = [sgd.num_steps(len(y), j) for (_, y), j in zip(data, jobs)]
+        order = sorted(range(len(jobs)), key=steps.__getitem__)
+        results: list[ClientResult | None] = [None] * len(jobs)
+        threads = self.spec.chunk_threads if parallel and self.stack is not None else 1
+        count = max(-(-len(jobs) // self.spec.chunk_size), min(threads, len(jobs) // MIN_CHUNK))
+        bounds = [len(jobs) * i // count for i in range(count + 1)]
+        chunks = [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+        def train(picked: list[int]) -> list[TrainOutput] | None:
+            chunk = [jobs[i] for i in picked]
+            params = [tensors if j.row is None else {k: v[j.row] for k, v in tensors.items()} for j in chunk]
+            rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]
+            try:
+                trained = vectorized.train_chunk(self.model, sgd, params, [data[i] for i in picked], chunk, rngs,
+                                                 self.device, self.stack)
+            except Exception:  # found and blamed (or dropped) client by client, below
+                return None
+            if names is not None:
+                for out in trained:
+                    out.params = {n: out.params[n] for n in names}
+            return trained
+
         with torch_threads(self.spec.threads):
-            for start in range(0, len(jobs), size):
-                chunk = jobs[start : start + size]
-                params = [tensors if j.row is None else {k: v[j.row] for k, v in tensors.items()} for j in chunk]
-                data = [self.client_data(j.client_id) for j in chunk]
-                rngs = [generator(self.spec.seed, "train", j.client_id, j.round) for j in chunk]
-                try:
-                    sgd, names = self.plan  # type: ignore[misc]
-                    trained = vectorized.train_chunk(self.model, sgd, params, data, chunk, rngs, self.device)
-                    if names is not None:
-                        for out in trained:
-                            out.params = {n: out.params[n] for n in names}
-                except Exception:  # find the client to blame (or drop) one by one
-                    results += self._run_sequential(tensors, chunk)
+            if threads > 1 and len(chunks) > 1:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.spec.chunk_threads, thread_name_prefix="fedsim-chunk")
+                outcomes = list(self._pool.map(train, chunks))
+            else:
+                outcomes = [train(picked) for picked in chunks]
+            for picked, trained in zip(chunks, outcomes):
+                chunk = [jobs[i] for i in picked]
+                if trained is None:  # one client after another, on this thread (the model is shared)
+                    for i, result in zip(picked, self._run_sequential(tensors, chunk)):
+                        results[i] = result
                     continue
-                for job, (x, y), out in zip(chunk, data, trained):
+                for i, job, out in zip(picked, chunk, trained):
                     if not math.isfinite(out.train_loss):  # parameters were checked per chunk
                         out.metrics["nonfinite"] = 1.0
-                    results.append(_result(job, len(y), out))
-        return results
+                    results[i] = _result(job, len(data[i][1]), out)
+        return results  # type: ignore[return-value]
 
     def client_data(self, client: int) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.data.client(client)
@@ -138,12 +235,45 @@ class Worker:
         """The hosting process's id: to measure its memory, or to kill it in fault tests."""
         return os.getpid()
 
-    def run_numpy(self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None) -> list[ClientResult]:
-        """`run` with numpy results, which Ray moves without pickling tensor storages."""
-        results = self.run(shared, jobs, payload)
-        for result in results:
-            result.params = to_numpy(result.params)  # type: ignore[assignment]
+    def run_numpy(
+        self, shared: dict[str, np.ndarray], jobs: Sequence[TrainJob], payload: dict[str, np.ndarray] | None = None,
+        vectorize: bool | None = None,
+    ) -> list[ClientResult]:
+        """`run` packed for Ray: see `pack`."""
+        return pack(self.run(shared, jobs, payload, vectorize))
+
+
+Packed = tuple[list[ClientResult], dict[str, np.ndarray] | None]
+
+
+def pack(results: list[ClientResult]) -> Packed:
+    """Results whose parameters travel as one array per tensor name, stacked over the results,
+    when they all have the same names and shapes (they nearly always do): Ray then moves a few
+    large buffers instead of pickling one small array per client and tensor. Otherwise each
+    result carries its own numpy arrays."""
+    if results:
+        layout = [(n, tuple(t.shape), t.dtype) for n, t in results[0].params.items()]
+        if all([(n, tuple(t.shape), t.dtype) for n, t in r.params.items()] == layout for r in results):
+            blocks = {n: torch.stack([r.params[n] for r in results]).numpy() for n, _, _ in layout}
+            for r in results:
+                r.params = {}
+            return results, blocks
+    for r in results:
+        r.params = to_numpy(r.params)  # type: ignore[assignment]
+    return results, None
+
+
+def unpack(packed: Packed) -> list[ClientResult]:
+    """`pack` undone on the driver: each result's tensors are views into the stacked arrays."""
+    results, blocks = packed
+    if blocks is None:
+        for r in results:
+            r.params = from_numpy(r.params)  # type: ignore[arg-type]
         return results
+    tensors = from_numpy(blocks)
+    for i, r in enumerate(results):
+        r.params = {n: t[i] for n, t in tensors.items()}
+    return results
 
 
 def _result(job: TrainJob, num_examples: int, out: TrainOutput) -> ClientResult:
@@ -160,10 +290,16 @@ class InlineExecutor:
     """Runs every job in this process: for tests, debugging and small federations."""
 
     def __init__(self, data: FederatedData, spec: WorkerSpec):
-        self.worker = Worker(data, spec)
+        # the only worker: its vectorised chunks may use every core (one torch thread each)
+        self.worker = Worker(data, replace(spec, chunk_threads=max(1, (os.cpu_count() or 1) // max(1, spec.threads))))
+        self.path: TrainingPath | None = None  # how the clients train, once the first jobs decided it
 
     def train(self, shared: Params, jobs: Sequence[TrainJob], payload: Params | None = None) -> list[ClientResult]:
-        return self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
+        results = self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
+        if self.path is None and self.worker.path is not None:
+            self.path = self.worker.path
+            print(self.path.line(), flush=True)
+        return results
 
     def close(self) -> None:
         pass
@@ -364,6 +500,7 @@ def _actors_died(job: TrainJob, losses: int, exc: BaseException) -> ActorsDiedEr
         f"the Ray actor training client {job.client_id} in round {job.round} died {losses} times "
         f"(last: {cause[:160]}); the machine may be short of memory: try fewer --workers, or --executor inline"
     )
+MIN_CHUNK = 4  # clients: smaller chunks waste more per-step overhead than a second thread wins
 
 
 class RayExecutor:
@@ -398,6 +535,21 @@ class RayExecutor:
         self._spec = spec
         self.actors = [self._remote.remote(self._data_ref, spec) for _ in range(n_actors)]
         self.replaced = 0
+        self.path: TrainingPath | None = None  # decided by one actor on the first jobs, then used by all
+
+    def _decide(self, shared_ref: Any, jobs: Sequence[TrainJob], payload_ref: Any) -> TrainingPath:
+        """One actor calibrates (or reports the forced or only path), so that every actor of the
+        run, replacements included, trains the same way."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for _ in range(MAX_ACTOR_RESTARTS + 1):
+            try:
+                return ray.get(self.actors[0].decide_numpy.remote(shared_ref, list(jobs[: training_path.CLIENTS]), payload_ref))
+            except RayActorError:
+                self.actors[0] = self._remote.remote(self._data_ref, self._spec)
+                self.replaced += 1
+        raise RuntimeError(f"Ray actors kept dying ({MAX_ACTOR_RESTARTS} replacements while calibrating)")
 
     def _assign(self, jobs: Sequence[TrainJob]) -> list[list[int]]:
         """Job indices per actor: by hosting when clients are pinned, else an even split. A
@@ -421,11 +573,15 @@ class RayExecutor:
 
         shared_ref = ray.put(to_numpy(shared))
         payload_ref = ray.put(to_numpy(payload or {}))
+        if self.path is None and jobs:
+            self.path = self._decide(shared_ref, jobs, payload_ref)
+            print(self.path.line(), flush=True)
+        vectorize = self.path.vectorize if self.path is not None else None
         results: list[ClientResult | None] = [None] * len(jobs)
         pending = {a: idx for a, idx in enumerate(self._assign(jobs)) if idx}
         losses = [0] * len(jobs)  # how often each job's actor died under it
         while pending:
-            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx], payload_ref)
+            calls = {a: self.actors[a].run_numpy.remote(shared_ref, [jobs[i] for i in idx], payload_ref, vectorize)
                      for a, idx in pending.items()}
             failed = {}
             for a, ref in calls.items():
@@ -441,8 +597,7 @@ class RayExecutor:
                 except RayTaskError as exc:  # the job itself raised: report the original error
                     cause = exc.cause if isinstance(exc.cause, Exception) else exc
                     raise cause from None
-                for i, result in zip(pending[a], out):
-                    result.params = from_numpy(result.params)  # type: ignore[arg-type]
+                for i, result in zip(pending[a], unpack(out)):
                     results[i] = result
             for a in failed:
                 self.actors[a] = self._remote.remote(self._data_ref, self._spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -35,6 +36,7 @@ class History:
         self.path = Path(path)
         self.observers = list(observers)
         self.rows: list[dict[str, Any]] = list(rows or [])
+        self._encoded: list[str] = []  # JSON of rows[:len(_encoded)], for checkpoints
         self.columns: list[str] = list(BASE_COLUMNS)
         for row in self.rows:
             self.columns += [k for k in row if k not in self.columns]
@@ -64,6 +66,18 @@ class History:
         for observer in self.observers:
             observer.row(row)
 
+    def encoded(self) -> str:
+        """All rows as one JSON text, for a checkpoint. Each row is encoded once, when first
+        checkpointed, and the checkpoint stores one string instead of a container per value, so
+        checkpointing stays cheap however long the run (floats keep every bit: JSON writes their
+        repr; NaN and infinities included)."""
+        self._encoded += [json.dumps(row, default=_plain) for row in self.rows[len(self._encoded):]]
+        return "[" + ",".join(self._encoded) + "]"
+
+    @staticmethod
+    def decoded(text: str) -> list[dict[str, Any]]:
+        return json.loads(text)
+
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=self.columns)
 
@@ -73,6 +87,13 @@ class History:
         writer.writeheader()
         writer.writerows(_clean(row) for row in self.rows)
         write_atomic(self.path, buf.getvalue(), fsync=False)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python ones (JSON knows only the latter)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot record a {type(value).__name__} in metrics")
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

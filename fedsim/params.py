@@ -78,8 +78,8 @@ def weighted_sum(stacked: Params, weights: Tensor) -> Params:
         if not t.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
             out[name] = t[0].clone()
             continue
-        w = weights.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
-        out[name] = (w * t).sum(0)
+        # a matrix-vector product: no (clients x size) temporary, a fraction of the time
+        out[name] = (weights.to(t.dtype) @ t.reshape(len(t), -1)).reshape(t.shape[1:])
     return out
 
 

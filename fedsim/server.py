@@ -131,3 +131,18 @@ class ServerRounds:
         acc, loss = self.ctx.evaluate(self.params)
         clients = self.ctx.client_accuracy(self.params if self.client_model is None else self.client_model)
         return {"test_accuracy": acc, "test_loss": loss, **clients}
+
+    def evaluation(self) -> Callable[[], dict[str, float]] | None:
+        """`evaluate` of the model as it is now, to run later (the coordinator overlaps it with
+        the next round). `step` replaces `self.params`, never writes into it, so holding the
+        dict is a snapshot. A subclass with its own `evaluate`, or a personalised method (whose
+        clients' models live in state the next round changes), is evaluated in turn instead."""
+        if type(self).evaluate is not ServerRounds.evaluate or self.client_model is not None:
+            return None
+        params, ctx = self.params, self.ctx
+
+        def run() -> dict[str, float]:
+            acc, loss = ctx.evaluate(params)
+            return {"test_accuracy": acc, "test_loss": loss, **ctx.client_accuracy(params)}
+
+        return run

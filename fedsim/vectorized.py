@@ -17,13 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .params import Params
+from .stacked_linear import LinearStack
 from .training import (
     SGDTrainer,
     TrainJob,
     TrainOutput,
+    adds_to_loss,
     frozen_at,
     minibatches,
     objective_inputs,
@@ -60,13 +62,15 @@ def train_chunk(
     jobs: Sequence[TrainJob],
     rngs: Sequence[np.random.Generator],
     device: torch.device | str = "cpu",
+    stack: LinearStack | None = None,
 ) -> list[TrainOutput]:
     """Train a chunk of clients together; on `device` (a GPU when there is one), results on the CPU.
 
     Minibatches are gathered on the host from each client's own index stream and moved once per
-    step; the stacked parameters, momentum and every step's arithmetic stay on the device. A
-    trainer's local objective is evaluated inside the same vmap, each client with its own start
-    model and inputs.
+    step; the stacked parameters, momentum and every step's arithmetic stay on the device. With
+    `stack` (the model is a plain MLP) gradients come from its hand-written backward pass, else
+    from `vmap(grad(...))`. A trainer's local objective is evaluated inside a vmap either way,
+    each client with its own start model and inputs.
     """
     k = len(jobs)
     objective = trainer.objective
@@ -84,22 +88,38 @@ def train_chunk(
     # the server's model, which objectives pull towards (a personalised start may differ from it)
     start = {n: torch.stack([p[n] for p in params]).to(device, copy=True) for n in params[0]} if objective is not None else {}
     extra = {n: torch.stack([i[n] for i in inputs]).to(device) for n in inputs[0]} if objective is not None else {}
-    batch_term = getattr(objective, "batch_loss", None)
+    batch_term = getattr(objective, "batch_loss", None) if adds_to_loss(objective) else None
     represent_with = representer(model) if batch_term is not None else None
 
-    def loss_fn(
-        w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, w0: Params, given: Params,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = functional_call(model, {**w, **fixed}, (xb,))
-        per_example = F.cross_entropy(out, yb, reduction="none") * mask
-        loss = per_example.sum() / mask.sum()
-        if objective is not None:
-            loss = loss + objective.loss(w, w0, given)
-        if batch_term is not None:  # frozen tensors complete any weights the term passes in
-            loss = loss + batch_term(w, w0, given, xb, mask, lambda p, x: represent_with({**fixed, **p}, x))
-        return loss, loss
+    if batch_term is not None:
+        stack = None  # a term on the representation needs the model's own forward pass
+    if stack is not None:
+        term = vmap(grad_and_value(objective.loss)) if adds_to_loss(objective) else None
 
-    grad_fn = vmap(grad(loss_fn, has_aux=True))
+        def grad_fn(
+            w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, w0: Params, given: Params,
+        ) -> tuple[Params, torch.Tensor]:
+            grads, losses = stack.gradients({**w, **fixed}, xb, yb, mask, trainable)
+            if term is not None:
+                extra_grads, values = term(w, w0, given)
+                for n, g in extra_grads.items():
+                    grads[n].add_(g)
+                losses = losses + values
+            return grads, losses
+    else:
+        def loss_fn(
+            w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, w0: Params, given: Params,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            out = functional_call(model, {**w, **fixed}, (xb,))
+            per_example = F.cross_entropy(out, yb, reduction="none") * mask
+            loss = per_example.sum() / mask.sum()
+            if adds_to_loss(objective):
+                loss = loss + objective.loss(w, w0, given)
+            if batch_term is not None:  # frozen tensors complete any weights the term passes in
+                loss = loss + batch_term(w, w0, given, xb, mask, lambda p, x: represent_with({**fixed, **p}, x))
+            return loss, loss
+
+        grad_fn = vmap(grad(loss_fn, has_aux=True))
     # every client's minibatch indices, laid out (client, step, slot) into one concatenation of the
     # chunk's data, so that each step gathers all clients' batches with one indexing operation
     x_all = np.concatenate([x for x, _ in data])
@@ -114,33 +134,56 @@ def train_chunk(
     valid[:, :, 0] = np.maximum(valid[:, :, 0], 1.0)  # finished clients: a throwaway step, never applied
     momentum: Params = {}
     totals = torch.zeros(k, dtype=torch.float64)
+    # decided by the trainer alone, never by the chunk's make-up: a client's bits must not depend
+    # on which clients share its chunk
+    fused = (stack is not None and not adds_to_loss(objective) and getattr(objective, "frozen", None) is None
+             and not trainer.momentum and not trainer.weight_decay and not trainer.sam_rho)
+    if fused:
+        weights, frozen = stack.moving(weights), stack.moving(frozen)  # type: ignore[union-attr]
     for s in range(max(steps)):
-        active = torch.tensor([s < n for n in steps], device=device)
+        active_list = [s < n for n in steps]
+        everyone = all(active_list)
+        active = torch.tensor(active_list, device=device)
         rows = index[:, s]
         xb = torch.from_numpy(x_all[rows])
         yb = torch.from_numpy(y_all[rows])
         mask = torch.from_numpy(valid[:, s])
         xb, yb, mask = xb.to(device), yb.to(device), mask.to(device)
+        step_lr = lr if everyone else lr * active.to(lr.dtype)
+        if fused:  # plain SGD: the stack moves the weights as it computes the gradients
+            _, losses = stack.gradients({**weights, **frozen}, xb, yb, mask, trainable, step=step_lr)  # type: ignore[union-attr]
+            totals += torch.where(active, losses.double(), 0.0).cpu()
+            continue
         grads, losses = grad_fn(weights, frozen, xb, yb, mask, start, extra)
         if trainer.sam_rho > 0:
             grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho, start, extra)
-        totals += torch.where(active, losses.double(), 0.0).cpu()
-        keep = active.to(torch.float32)
+        totals += torch.where(active, losses.detach().double(), 0.0).cpu()
         frozen_now = frozen_at(objective, s)
         for n, w in weights.items():
             if n in frozen_now:  # as torch's SGD with no gradient: no step, no momentum, no decay
                 continue
-            d = grads[n]
+            d = grads[n]  # a fresh tensor or a buffer of the stack's: ours to modify
             if trainer.weight_decay:
-                d = d + trainer.weight_decay * w
+                d.add_(w, alpha=trainer.weight_decay)
             if trainer.momentum:
                 buf = momentum.get(n)
-                buf = d.clone() if buf is None else torch.where(_expand(active, d), trainer.momentum * buf + d, buf)
+                if buf is None:
+                    buf = d.clone()
+                elif everyone:
+                    buf.mul_(trainer.momentum).add_(d)
+                else:
+                    buf = torch.where(_expand(active, d), trainer.momentum * buf + d, buf)
                 momentum[n] = buf
                 d = buf
-            weights[n] = w - _expand(lr * keep, w) * d
+            w.addcmul_(d, _expand(step_lr, w), value=-1.0)
+    if fused:
+        weights, frozen = stack.standard(weights), stack.standard(frozen)  # type: ignore[union-attr]
     final = {n: (weights[n] if n in weights else frozen[n]).cpu() for n in params[0]}
-    finite = torch.stack([torch.isfinite(t.reshape(k, -1)).all(1) for t in final.values()]).all(0)
+    finite = torch.ones(k, dtype=torch.bool)
+    for t in final.values():  # NaN and infinities reach a row's max or min: two reductions, no mask
+        if t.is_floating_point():
+            rows = t.reshape(k, -1)
+            finite &= torch.isfinite(rows.amax(1)) & torch.isfinite(rows.amin(1))
     out = []
     for c in range(k):
         end = {n: t[c] for n, t in final.items()}  # views into one block per tensor

@@ -48,6 +48,15 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if "slow" not in item.keywords]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Tests neither read nor write the user's ~/.cache/fedsim (calibrated training paths,
+    pretrained weights): one cache for the session, shared by the runs it compares."""
+    if "FEDSIM_CACHE" not in os.environ:
+        os.environ["FEDSIM_CACHE"] = str(tmp_path_factory.mktemp("fedsim-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once, in-process, dashboard off; every Ray test shares it."""
