@@ -324,6 +324,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
+        if address and address != "auto":
+            current = ray.get_runtime_context().gcs_address
+            if address.split("://", 1)[-1] != current:
+                # (tests and notebooks run many runs in one process: Ray joins one cluster per process)
+                _probe(address, CONNECT_TIMEOUT)
+                raise ClusterError(f"this process already uses the Ray cluster at {current}, and Ray joins one "
+                                   f"cluster per process: run the scenario for {address} in a new process",
+                                   key="system.address")
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                                   runtime_env={"worker_process_setup_hook": _this_fedsim_first()})

@@ -74,7 +74,8 @@ def test_sweep_writes_one_folder_per_point_and_an_index(write_scenario, tmp_path
     path = write_scenario(SMALL + '\n[sweep]\nseed = [1, 2]\n"algorithm.lr" = [0.05, 0.1]\n')
     assert main(["run", str(path), "--out", str(tmp_path), "--no-progress", "--set", "rounds=1"]) == 0
     index = pd.read_csv(tmp_path / "runs.csv")
-    assert len(index) == 4 and set(index.columns) == {"run_dir", "seed", "algorithm.lr"}
+    assert len(index) == 4 and set(index.columns) == {"run_dir", "status", "error", "sweep", "seed", "algorithm.lr"}
+    assert (index["status"] == "done").all()
     for d in index["run_dir"]:
         assert (tmp_path / d / "metrics.csv").is_file()
     out = tmp_path / "by_lr.png"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -184,3 +185,23 @@ def test_a_refused_run_leaves_no_half_made_folder(tmp_path, write_scenario, caps
                     "--address", address)
     assert code == 2 and stamps(out / "small") == before
     assert ".fedsim.lock" not in os.listdir(out / "small")
+
+
+def test_an_address_is_checked_even_when_this_process_already_uses_a_cluster(ray_session, tmp_path, write_scenario, capsys):
+    # a notebook (or this test session) that already started Ray must not silently train on that
+    # cluster when a run names another one
+    address = f"127.0.0.1:{_closed_port()}"
+    good = write_scenario(SMALL, "good.toml")
+    code, err = cli(capsys, "run", str(good), "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray",
+                    "--address", address)
+    assert code == 2 and f"nothing answers at {address}" in err and err.count("\n") == 1
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    try:
+        other = f"127.0.0.1:{listening.getsockname()[1]}"
+        code, err = cli(capsys, "run", str(good), "--out", str(tmp_path / "out"), "--no-progress", "--executor", "ray",
+                        "--address", other)
+        assert code == 2 and "Ray joins one cluster per process" in err and err.count("\n") == 1
+    finally:
+        listening.close()
