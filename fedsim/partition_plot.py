@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data.heterogeneity import figures, label_counts  # noqa: E402
+from .plotting import save  # noqa: E402
 
 MAX_BARS = 100  # beyond this many clients, bars of the first MAX_BARS clients (the figures use all)
 MAX_LEGEND = 20  # classes named in the legend; more (Shakespeare's 80 characters) only coloured
@@ -75,6 +76,6 @@ def plot_partition(spec: Any, out: str | Path, *, normalize: bool = False) -> tu
     )
     ax.grid(axis="y", alpha=0.3)
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    save(fig, out, dpi=110)
     plt.close(fig)
     return out, stats

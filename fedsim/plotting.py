@@ -7,6 +7,7 @@ with missing values (a NaN train loss at round 0, runs of different lengths).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -82,8 +83,16 @@ def format_axis(ax: Any, x: str) -> None:
 
 def plot_run(df: pd.DataFrame, path: Path, title: str = "") -> None:
     fig = figure_run(df, title)
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)
     plt.close(fig)
+
+
+def save(fig: Figure, path: Path, dpi: int) -> None:
+    """Save without matplotlib's per-glyph warnings: a run name in a script the font lacks draws
+    as boxes, which the user sees in the figure; a warning per character says nothing more."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
+        fig.savefig(path, dpi=dpi)
 
 
 def figure_run(df: pd.DataFrame, title: str = "") -> Figure:
@@ -175,7 +184,7 @@ def plot_runs(
             raise FedsimError(f"no column '{column}' in the runs' metrics.csv (have: {', '.join(df.columns)})")
     fig = figure_runs(df, by, x, metric, title)
     out = Path(out)
-    fig.savefig(out, dpi=120)
+    save(fig, out, dpi=120)
     plt.close(fig)
     return out
 
