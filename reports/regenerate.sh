@@ -13,9 +13,9 @@ mkdir -p "$F"
 R=reports/runs/dfedsam
 rm -rf "$R" reports/runs/dfedsam_rho
 # 48 runs: {dpsgd, dfedavg, dfedsam, dfedsam_mgs} x {ring, torus, exponential, complete} x seeds 0-2
-"$FEDSIM" run scenarios/dfedsam_topologies.toml --out "$R" --no-progress
+"$FEDSIM" run scenarios/dfedsam_topologies.toml --rerun --out "$R" --no-progress
 # extra check: DFedSAM on the ring with the baselines' lr_decay = 1.0 and rho in {0.01, 0.05, 0.2} (9 runs)
-"$FEDSIM" run scenarios/dfedsam_topologies.toml \
+"$FEDSIM" run scenarios/dfedsam_topologies.toml --rerun \
   --set 'sweep."algorithm.name"=["dfedsam"]' --set 'sweep."topology.name"=["ring"]' \
   --set 'sweep."algorithm.rho"=[0.01, 0.05, 0.2]' --set algorithm.lr_decay=1.0 \
   --out reports/runs/dfedsam_rho --no-progress
@@ -32,7 +32,7 @@ done
 R=reports/runs/gossip_vc
 rm -rf "$R"
 # 16 runs: {average, variance_corrected} x {ring, random_regular d=4} x {16, 64 nodes} x seeds 0-1
-"$FEDSIM" run scenarios/gossip_vc.toml --out "$R" --no-progress
+"$FEDSIM" run scenarios/gossip_vc.toml --rerun --out "$R" --no-progress
 
 for t in ring random_regular; do
   for n in 16 64; do

@@ -10,6 +10,6 @@ R=reports/runs/baselines
 rm -rf "$R"
 mkdir -p "$R"
 git rev-parse --short HEAD > "$R/commit.txt"   # the fedsim commit the runs ran on (the report names it)
-"$FEDSIM" run scenarios/baselines.toml --out "$R" --no-progress
+"$FEDSIM" run scenarios/baselines.toml --rerun --out "$R" --no-progress
 find "$R" \( -name convergence.png -o -name checkpoint.pt \) -delete
 "$PY" reports/baselines_tables.py

@@ -8,9 +8,9 @@ F=reports/figures
 mkdir -p "$F"
 
 # 1. the 12 runs (4 methods x 3 seeds), about 18 min on 2 cores
-"$FEDSIM" run scenarios/fedcompass.toml --out $R --no-progress
+"$FEDSIM" run scenarios/fedcompass.toml --rerun --out $R --no-progress
 # side check: FedAsync / FedBuff with APPFL's per-update server weight alpha * s(tau) / N (6 runs)
-"$FEDSIM" run scenarios/fedcompass.toml --out $R/appfl_weights --no-progress \
+"$FEDSIM" run scenarios/fedcompass.toml --rerun --out $R/appfl_weights --no-progress \
   --set 'sweep.algorithm=[{ name = "fedasync", local_steps = 50, round_seconds = 10.0, alpha = 0.045 }, { name = "fedbuff", local_steps = 50, buffer_size = 3, round_seconds = 10.0, server_lr = 0.135 }]'
 find $R \( -name convergence.png -o -name checkpoint.pt \) -delete   # keep metrics.csv, summary.json, scenario.toml, runs.csv
 

@@ -9,7 +9,7 @@ PY=.venv/bin/python
 
 # --- LoRA-FAIR (the scenario's cases include the lambda = 0 ablation, lora_fair_lam0) ---------------
 rm -rf reports/runs/lora_fair
-$FEDSIM run scenarios/lora_fair.toml --out reports/runs/lora_fair --no-progress
+$FEDSIM run scenarios/lora_fair.toml --rerun --out reports/runs/lora_fair --no-progress
 
 R=reports/runs/lora_fair
 $FEDSIM plot $R --by cases --metric test_accuracy \
@@ -23,12 +23,12 @@ $FEDSIM plot $R/lora_fair-case=lora_fair-seed=* $R/lora_fair-case=lora_fair_lam0
 
 # --- Ferret ----------------------------------------------------------------------------------------
 rm -rf reports/runs/ferret reports/runs/ferret_k
-$FEDSIM run scenarios/ferret.toml --out reports/runs/ferret --no-progress
+$FEDSIM run scenarios/ferret.toml --rerun --out reports/runs/ferret --no-progress
 # reconstruction error against K (one seed)
-$FEDSIM run scenarios/ferret.toml --out reports/runs/ferret_k --no-progress \
+$FEDSIM run scenarios/ferret.toml --rerun --out reports/runs/ferret_k --no-progress \
     --set 'sweep.cases=[{label="K50", algorithm={name="ferret", K=50, server_lr=1.0}}, {label="K200", algorithm={name="ferret", K=200, server_lr=1.0}}, {label="K1000", algorithm={name="ferret", K=1000, server_lr=1.0}}]' \
     --set 'sweep.seed=[0]'
-$FEDSIM run scenarios/ferret.toml --out reports/runs/ferret_k/K5000 --no-progress \
+$FEDSIM run scenarios/ferret.toml --rerun --out reports/runs/ferret_k/K5000 --no-progress \
     --set 'sweep.cases=[{label="K5000", algorithm={name="ferret", K=5000, server_lr=1.0}}]' --set 'sweep.seed=[0]'
 
 R=reports/runs/ferret
