@@ -42,10 +42,15 @@ Sampling = Literal["poisson", "fixed"]
 class PrivacyConfig(Section):
     """Settings of DP-FedAvg (server-side) and local DP-SGD, for a `[privacy]` table.
 
-    Defaults follow the papers: Andrew et al.'s target quantile 0.5, clip learning rate 0.2 and
-    count noise sigma_b = expected cohort / 20 (when `count_noise_std` is left unset).
+    `mode = "server"`: DP-FedAvg, user-level privacy against anyone who sees the released models
+    (the server is trusted with the clipped updates); `mode = "local"`: DP-SGD inside each
+    client's training, example-level privacy of each client's data against everyone else
+    (`clip_norm` then bounds per-example gradients; `sampling`, `adaptive` and its keys do not
+    apply). Defaults follow the papers: Andrew et al.'s target quantile 0.5, clip learning rate
+    0.2 and count noise sigma_b = expected cohort / 20 (when `count_noise_std` is left unset).
     """
 
+    mode: Literal["server", "local"] = "server"
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     sampling: Sampling = "poisson"
@@ -120,10 +125,13 @@ def dp_fedavg_aggregate(
         raise ValueError(f"expected_clients must be > 0, got {expected_clients!r}")
     clipped, norms = clip_updates(deltas, clip_norm)
     std = noise_multiplier * clip_norm / expected_clients
-    noise = gaussian_noise_like(clipped, std, rng)
+    noise = gaussian_noise_like({name: t[0] if len(t) else t.sum(0) for name, t in clipped.items()}, std, rng)  # one row's shape
     out = {}
     for name, t in clipped.items():
-        out[name] = t.sum(0) / expected_clients + noise[name] if t.is_floating_point() else t[0].clone()
+        if t.is_floating_point():
+            out[name] = t.sum(0) / expected_clients + noise[name]
+        else:
+            out[name] = t[0].clone() if len(t) else torch.zeros(t.shape[1:], dtype=t.dtype)
     return out, norms
 
 
