@@ -24,6 +24,7 @@ everywhere in fedsim; the noise itself is drawn by a torch generator seeded from
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Literal, Mapping
 
@@ -83,7 +84,7 @@ def update_norms(stacked: Mapping[str, Tensor]) -> Tensor:
     total = torch.zeros(n, dtype=torch.float64)
     for t in stacked.values():
         if t.is_floating_point():
-            total += t.reshape(n, -1).to(torch.float64).pow(2).sum(1)
+            total += t.reshape(n, t[0].numel() if n else 0).to(torch.float64).pow(2).sum(1)  # n = 0: an empty cohort
     return total.sqrt()
 
 
@@ -237,7 +238,14 @@ class PrivacyAccountant:
                 event = dp_accounting.SampledWithoutReplacementDpEvent(
                     self.population, int(round(q * self.population)), gaussian)
             accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-        return float(accountant.get_epsilon(self.delta))
+        # the library warns, for each fractional RDP order whose series it drops, on every call
+        quiet = logging.getLogger("absl")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return float(accountant.get_epsilon(self.delta))
+        finally:
+            quiet.setLevel(level)
 
     def state_dict(self) -> dict[str, Any]:
         return {"events": [list(e) for e in self.events]}

@@ -562,8 +562,8 @@ def _coordinator_hooks(
     kept: dict[int, Path] = {}
     save, restore, plot = checkpoint.save, checkpoint.restore, getattr(coordinator, "plot_run", None)
 
-    def saving(path: Path, payload: dict[str, Any]) -> None:
-        save(path, payload)
+    def saving(path: Path, payload: dict[str, Any], **options: Any) -> None:
+        save(path, payload, **options)
         r = int(payload["round"])
         kept[r] = folder / f"round-{r}.pt"
         shutil.copyfile(path, kept[r])
