@@ -222,6 +222,16 @@ class PrivacyAccountant:
         except ImportError:
             raise FedsimError("privacy accounting needs dp-accounting: pip install 'fedsim[privacy]'") from None
 
+        # the library warns, for each fractional RDP order whose series it drops, on every call
+        quiet = logging.getLogger("absl")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return self._epsilon(dp_accounting, RdpAccountant)
+        finally:
+            quiet.setLevel(level)
+
+    def _epsilon(self, dp_accounting: Any, RdpAccountant: Any) -> float:
         relation = dp_accounting.NeighboringRelation
         if self.sampling == "poisson":
             accountant = RdpAccountant(neighboring_relation=relation.ADD_OR_REMOVE_ONE)
@@ -238,14 +248,7 @@ class PrivacyAccountant:
                 event = dp_accounting.SampledWithoutReplacementDpEvent(
                     self.population, int(round(q * self.population)), gaussian)
             accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-        # the library warns, for each fractional RDP order whose series it drops, on every call
-        quiet = logging.getLogger("absl")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            return float(accountant.get_epsilon(self.delta))
-        finally:
-            quiet.setLevel(level)
+        return float(accountant.get_epsilon(self.delta))
 
     def state_dict(self) -> dict[str, Any]:
         return {"events": [list(e) for e in self.events]}
