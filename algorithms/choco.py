@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from fedsim import (
+    QSGD,
     DecentralizedConfig,
     GraphRounds,
     Params,
@@ -37,6 +38,22 @@ class ChocoConfig(DecentralizedConfig):
     local_steps: int | None = Field(1, ge=1)
     gamma: float = Field(1.0, gt=0, le=1)  # consensus step size; compressed gossip needs it below 1
     public_init: Literal["model", "zeros"] = "model"  # x_hat at the start: the shared initial model / 0 (the paper)
+
+
+class RescaledQSGD:
+    """QSGD divided by tau = 1 + min(d / s^2, sqrt(d) / s) per tensor (Koloskova et al. 2019,
+    Sec. 5 and Assumption 1): CHOCO needs a compressor with E||Q(x) - x||^2 <= (1 - delta) ||x||^2,
+    which unbiased QSGD is not when its variance factor exceeds 1 (its copies' error then grows
+    every round and the run diverges). The receiver knows tau: the message is QSGD's, same size."""
+
+    def __init__(self, qsgd: QSGD):
+        self.qsgd = qsgd
+
+    def __call__(self, update: Params, rng: np.random.Generator) -> tuple[Params, int]:
+        out, nbytes = self.qsgd(update, rng)
+        s = self.qsgd.levels
+        return {n: (t / (1 + min(t.numel() / s**2, t.numel() ** 0.5 / s)) if t.is_floating_point() else t)
+                for n, t in out.items()}, nbytes
 
 
 class ChocoRounds(GraphRounds):
@@ -60,6 +77,8 @@ class ChocoRounds(GraphRounds):
             raise ScenarioError("public_init = \"model\" needs init = \"shared\" (a model every node knows)",
                                 key="algorithm.public_init")
         self.compressor = ctx.compressor()
+        if isinstance(self.compressor, QSGD):
+            self.compressor = RescaledQSGD(self.compressor)
         self.gamma = cfg.gamma
         # every node knows the shared initial model, so copies can start there at no cost
         self.x_hat: Params = {k: (v.clone() if cfg.public_init == "model" else torch.zeros_like(v)) for k, v in self.X.items()}

@@ -57,10 +57,10 @@ def main() -> None:
         clipped = "" if r["clipped"] is None or pd.isna(r["clipped"]) else f"{r['clipped']:.2f}"
         print(f"| {r['case']} | {r['final']:.4f} | {r['best']:.4f} | {eps} | {clip} | {clipped} |")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for family, marker in (("fixed", "o"), ("adaptive", "s"), ("local", "^")):
+    for family, marker in (("fixed", "o"), ("adaptive", "s"), ("adaptive0.5", "D"), ("local", "^")):
         part = df[df["family"] == family].sort_values("epsilon")
         ax.plot(part["epsilon"], part["final"], marker=marker, label={"fixed": "DP-FedAvg, fixed C = 0.5",
-                "adaptive": "DP-FedAvg, adaptive C", "local": "local DP-SGD, C = 1"}[family])
+                "adaptive": "DP-FedAvg, adaptive C from 0.05", "adaptive0.5": "DP-FedAvg, adaptive C from 0.5", "local": "local DP-SGD, C = 1"}[family])
     base = df[df["family"] == "nonprivate"]
     if len(base):
         ax.axhline(float(base["final"].iloc[0]), color="grey", linestyle="--", label="FedAvg, not private")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds reports/privacy.md's data, table and figure. Run from the repository root:
 #   bash reports/regenerate_privacy.sh
-# 10 runs (Fashion-MNIST, 20 clients, 30 rounds, 1 seed), about 10 minutes on a shared 2-core machine.
+# 12 runs (Fashion-MNIST, 20 clients, 30 rounds, 1 seed), about 5 minutes on a shared 2-core machine.
 set -e
 FEDSIM=${FEDSIM:-.venv/bin/fedsim}
 PY=${PY:-.venv/bin/python}

@@ -298,6 +298,19 @@ def test_choco_charges_each_nodes_compressed_messages(tmp_path):
     assert result.metrics["consensus_distance"].iloc[-1] > 0
 
 
+def test_choco_rescales_qsgd_into_a_contraction():
+    from fedsim.algorithms.choco import RescaledQSGD
+
+    g = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(400, 100, generator=g)}
+    plain, size = fedsim.QSGD(levels=4)(x, np.random.default_rng(1))
+    scaled, scaled_size = RescaledQSGD(fedsim.QSGD(levels=4))(x, np.random.default_rng(1))
+    tau = 1 + min(40_000 / 16, 200 / 4)  # = 51
+    assert torch.allclose(scaled["w"], plain["w"] / tau) and scaled_size == size
+    error = lambda q: float((q["w"] - x["w"]).pow(2).sum() / x["w"].pow(2).sum())  # noqa: E731
+    assert error(plain) > 1 and error(scaled) < 1  # unbiased QSGD expands the error; rescaled, it contracts
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 
@@ -315,7 +328,7 @@ def test_private_and_compressed_runs_resume_to_the_same_curves_and_state(tables)
 
 @pytest.mark.slow
 def test_choco_resumes_to_the_same_curves_and_state():
-    raw = scenario({"name": "choco", "gamma": 0.4}, topology=True, compression={"name": "random_k", "ratio": 0.2})
+    raw = scenario({"name": "choco", "gamma": 0.4}, topology=True, compression={"name": "qsgd", "levels": 4})
     check_flow("choco", raw, rounds=4, resume_from=2)
 
 
