@@ -79,6 +79,24 @@ __all__ += [
     "KeepLocal", "keep_local_rounds", "representation",
 ]
 
+from .compression import (  # noqa: E402
+    QSGD,
+    CompressionConfig,
+    Identity,
+    RandomK,
+    ScaledSign,
+    TopK,
+    build_compressor,
+    choco_gossip,
+    compress_stacked,
+    error_feedback,
+)
+
+__all__ += [
+    "CompressionConfig", "Identity", "QSGD", "RandomK", "ScaledSign", "TopK", "build_compressor", "choco_gossip",
+    "compress_stacked", "error_feedback",
+]
+
 from .api import RunResult, SweepResult, load_runs, run  # noqa: E402
 
 __all__ += ["RunResult", "SweepResult", "load_runs", "run"]

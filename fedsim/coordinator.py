@@ -103,6 +103,20 @@ class RunContext:
             from .scenario import server_optimizer_config
 
             self.server_optimizer = server_optimizer_config(s, spec.source).build()
+        self.privacy_config: Any = None  # [privacy], validated
+        self.server_privacy: Any = None  # fedsim.privacy_engine.ServerPrivacy, once a server flow asks
+        self.local_privacy: Any = None  # fedsim.privacy_engine.LocalPrivacy, once a trainer takes DP-SGD
+        self.compression_config: Any = None  # [compression], validated
+        self.upload_compression: Any = None  # fedsim.upload_compression.UploadCompression, once asked for
+        self.compression_used = False  # whether the flow compressed what it sends (else the run is refused)
+        if s.privacy is not None:
+            from .scenario import privacy_config
+
+            self.privacy_config = privacy_config(s, spec.source)
+        if s.compression is not None:
+            from .scenario import compression_config
+
+            self.compression_config = compression_config(s, spec.source)
         self.graph: nx.Graph | None = None
         if s.topology is not None:
             from .topologies import build
@@ -149,6 +163,68 @@ class RunContext:
             return replace(batch, params=corrupt(batch.params, bad, ~bad, reference, cfg, rng))
 
         self.batch_hooks.append(attack)
+
+    def dp_fedavg(self, clients_per_round: int) -> Any:
+        """DP-FedAvg for a server flow that samples `clients_per_round` clients a round, when the
+        scenario's `[privacy]` asks for it (mode = "server"), else None. A flow that never asks
+        cannot honour the table, and the run is refused instead of running without privacy."""
+        cfg = self.privacy_config
+        if cfg is None or cfg.mode != "server":
+            return None
+        if self.server_privacy is None:
+            from .privacy_engine import ServerPrivacy
+
+            self.server_privacy = ServerPrivacy(cfg, self.data.num_clients, clients_per_round)
+        return self.server_privacy
+
+    def compressor(self) -> Any:
+        """The scenario's `[compression]` compressor (`fedsim.compression`), or the identity; a
+        flow that asks sends compressed messages and counts their real size."""
+        from .compression import CompressionConfig, build_compressor
+
+        self.compression_used = True
+        return build_compressor(self.compression_config or CompressionConfig())
+
+    def uploads(self) -> Any:
+        """Upload compression with error feedback for server rounds (`fedsim.upload_compression`),
+        or None without a `[compression]` table."""
+        if self.compression_config is None:
+            return None
+        self.compression_used = True
+        if self.upload_compression is None:
+            from .upload_compression import UploadCompression
+
+            self.upload_compression = UploadCompression(self.compression_config)
+        return self.upload_compression
+
+    def epsilon(self) -> float | None:
+        """The privacy spent so far at the scenario's delta (the worst client's, with local
+        DP-SGD); None without `[privacy]`."""
+        source = self.server_privacy or self.local_privacy
+        return None if source is None else source.epsilon()
+
+    def _private_trainer(self, trainer: Trainer) -> Trainer:
+        """The trainer with local DP-SGD (per-example clipping and noise) when `[privacy]` has
+        mode = "local"; plain local SGD only, since a term added to the loss or a trainer of its
+        own would see the data outside the clipped gradient."""
+        from dataclasses import replace as with_changes
+
+        from .training import SGDTrainer, adds_to_loss
+
+        cfg = self.privacy_config
+        if cfg is None or cfg.mode != "local":
+            return trainer
+        name = self.spec.algorithm_config.name
+        if type(trainer) is not SGDTrainer or adds_to_loss(trainer.objective) or trainer.sam_rho > 0:
+            raise ScenarioError(f"local DP-SGD clips per-example gradients of plain local SGD; algorithm '{name}' "
+                                f"trains with {type(trainer).__name__}"
+                                + (" and a term of its own in the loss" if type(trainer) is SGDTrainer else ""),
+                                key="privacy.mode", file=self.spec.source)
+        if self.local_privacy is None:
+            from .privacy_engine import LocalPrivacy
+
+            self.local_privacy = LocalPrivacy(cfg, self.data.num_examples(), trainer.batch_size)
+        return with_changes(trainer, dp_clip=cfg.clip_norm, dp_noise=cfg.noise_multiplier)
 
     def combine(self, rule: Aggregator, global_params: Params, batch: UpdateBatch, *, round: int, where: str) -> Params:
         """Every merge point's way in: the engine's view of the batch (attackers' rows replaced,
@@ -199,6 +275,8 @@ class RunContext:
         s = self.spec.scenario
         from .plugins import module_dirs as plugin_dirs
 
+        trainer = self._private_trainer(trainer)
+
         plugins = tuple(s.plugins.modules) if s.plugins else ()
         spec = WorkerSpec(
             s.model.name, s.model.options(), self.data.feature_shape, self.data.num_classes, s.seed,
@@ -223,7 +301,12 @@ class RunContext:
                 address=self.options.address or s.system.address,
             )
         self._executors.append(executor)  # it says, once, how its clients train (vectorised or not, why)
-        return StatefulExecutor(executor, self.client_states)
+        stateful = StatefulExecutor(executor, self.client_states)
+        if self.local_privacy is not None and getattr(trainer, "dp_clip", None) is not None:
+            from .privacy_engine import CountingExecutor
+
+            return CountingExecutor(stateful, self.local_privacy)  # type: ignore[return-value]
+        return stateful
 
     def _flipped_labels(self) -> tuple[int, ...]:
         """Clients that train on flipped labels (an `[adversary]` with behaviour = "label_flip")."""
@@ -269,7 +352,14 @@ class RunContext:
         """The simulation state the context owns, for checkpoints."""
         return {"now": self.clock.now, "net": self.net.state(), "dropped_updates": self.dropped_updates,
                 "client_states": self.client_states.states,
-                "server_optimizer": checkpoint.capture(self.server_optimizer) if self.server_optimizer else None}
+                "server_optimizer": checkpoint.capture(self.server_optimizer) if self.server_optimizer else None,
+                **{key: part.state_dict() for key, part in self._extra_state().items()}}
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Engine parts with state of their own: privacy accounting, error memories."""
+        parts = {"server_privacy": self.server_privacy, "local_privacy": self.local_privacy,
+                 "upload_compression": self.upload_compression}
+        return {key: part for key, part in parts.items() if part is not None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.clock.now = state["now"]
@@ -278,6 +368,8 @@ class RunContext:
         self.client_states.states = state["client_states"]
         if self.server_optimizer is not None:
             checkpoint.restore(self.server_optimizer, state["server_optimizer"])
+        for key, part in self._extra_state().items():
+            part.load_state_dict(state[key])
 
     def close(self) -> None:
         self.training_paths += [e.path.as_dict() for e in self._executors if getattr(e, "path", None) is not None]
@@ -363,6 +455,15 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
             flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
             if s.checkpoint_every:  # a flow that no checkpoint could save is refused now, not mid-run
                 checkpoint.require_state(flow, spec.algorithm_config.name)
+            name = spec.algorithm_config.name
+            if ctx.privacy_config is not None and ctx.privacy_config.mode == "server" and ctx.server_privacy is None:
+                raise ScenarioError(f"algorithm '{name}' has no server round that DP-FedAvg can clip and noise "
+                                    "(it supports fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ...): "
+                                    "remove [privacy] or use mode = \"local\"", key="privacy.mode")
+            if ctx.compression_config is not None and not ctx.compression_used:
+                raise ScenarioError(f"algorithm '{name}' sends messages that [compression] cannot compress "
+                                    "(it supports fedavg-style server rounds and choco): remove the table",
+                                    key="compression")
             if s.aggregator is not None and not ctx.rule_used:
                 raise ScenarioError(f"algorithm '{spec.algorithm_config.name}' has no merge step that a rule can "
                                     "replace: remove the [aggregator] table", key="aggregator")
@@ -550,7 +651,7 @@ class _RowStart:
 
 def _row_start(ctx: RunContext, r: int, train: dict[str, float], start: float) -> _RowStart:
     fields = {"sim_time": ctx.clock.now, "wall_time": time.perf_counter() - start, "bytes_sent": ctx.ledger.total,
-              "dropped_updates": ctx.dropped_updates}
+              "dropped_updates": ctx.dropped_updates, "epsilon": ctx.epsilon()}
     return _RowStart(ctx, r, train, fields, ctx.first_bad)
 
 
@@ -569,6 +670,8 @@ def _append(history: History, begun: _RowStart, metrics: dict[str, float]) -> di
         "train_loss": train.get("train_loss", float("nan")),
         "bytes_sent": f["bytes_sent"],
     }
+    if f["epsilon"] is not None:  # the privacy spent up to this row, at [privacy] delta
+        row["epsilon"] = f["epsilon"]
     row.update({k: v for k, v in train.items() if k not in row})
     if begun.ctx.spec.scenario.system.on_divergence == "drop":
         row["dropped_updates"] = f["dropped_updates"]
@@ -659,6 +762,17 @@ def write_summary(
     }
     if ctx.spec.scenario.adversary is not None:
         summary["attackers"] = [int(c) for c in ctx.attackers]
+    if ctx.privacy_config is not None:
+        from .privacy_engine import finite_or_none
+
+        eps = ctx.epsilon()
+        summary["epsilon"] = None if eps is None else finite_or_none(eps)
+        summary["privacy"] = {"mode": ctx.privacy_config.mode, "delta": ctx.privacy_config.delta,
+                              "epsilon": None if eps is None else finite_or_none(eps)}
+        if ctx.server_privacy is not None:
+            summary["privacy"]["final_clip_norm"] = ctx.server_privacy.clip_norm
+        if ctx.local_privacy is not None and ctx.data.num_clients <= 1000:
+            summary["privacy"]["client_epsilon"] = [finite_or_none(float(e)) for e in ctx.local_privacy.client_epsilons()]
     if stalled_since is not None:
         summary["stalled_since_round"] = stalled_since
     target = ctx.spec.scenario.target_accuracy

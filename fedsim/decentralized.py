@@ -220,9 +220,10 @@ class GraphRounds:
             if not alive.all() or net.lossy:
                 W, senders, receivers = self._surviving(alive, round, q)
             self.X = self.merge(W, self.X, round)
-            net.exchange(senders, receivers, nbytes)
+            sizes = self.gossip_bytes(nbytes)
+            net.exchange(senders, receivers, sizes if np.ndim(sizes) == 0 else sizes[senders])
             # a node sends one copy per neighbour over its own uplink, one after another
-            sending.append(net.gossip_time(senders, nbytes))
+            sending.append(net.gossip_time(senders, sizes))
         ctx.clock.advance_to(ctx.clock.now + float(compute.max(initial=0.0)) + math.fsum(sending))
         losses = [r.train_loss for r in results]
         return {
@@ -237,6 +238,12 @@ class GraphRounds:
         if self.rule is None:
             return mix(W, X)
         return rule_mix(self.rule, W, X, round, self.ctx.combine)
+
+    def gossip_bytes(self, model_bytes: int) -> int | np.ndarray:
+        """The size of the message each node sent its neighbours in the gossip step just merged:
+        one number for all (a whole model, by default), or one per node (a compressed method's
+        messages, whose sizes vary)."""
+        return model_bytes
 
     def _surviving(self, alive: np.ndarray, round: int, q: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The mixing operator over the edges that work in this gossip step: both ends up and the

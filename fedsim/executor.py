@@ -68,7 +68,9 @@ class Worker:
             import_modules(spec.plugins, spec.plugin_dirs)
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
         self.plan = vectorized.plan(self.model, spec.trainer)
-        self.stack = LinearStack.of(self.model, tuple(spec.input_shape)) if self.plan is not None else None
+        # local DP-SGD needs per-example gradients, which the stacked MLP backward does not give
+        private = getattr(spec.trainer, "dp_clip", None) is not None
+        self.stack = LinearStack.of(self.model, tuple(spec.input_shape)) if self.plan is not None and not private else None
         supported = self.plan is not None
         cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
         self.path: TrainingPath | None = None  # decided on the first jobs unless forced or unsupported

@@ -121,15 +121,15 @@ class Network:
         protocol models itself (timeouts): its bytes are charged, nothing else."""
         self.ledger.transfer(sender, np.asarray(receivers), nbytes)
 
-    def exchange(self, senders: np.ndarray, receivers: np.ndarray, nbytes: int) -> None:
+    def exchange(self, senders: np.ndarray, receivers: np.ndarray, nbytes: "int | np.ndarray") -> None:
         """Bytes of many point-to-point messages at once (a synchronous gossip step's edges);
         the caller times the step with `gossip_time`."""
         self.ledger.transfer(senders, receivers, nbytes)
 
-    def gossip_time(self, senders: np.ndarray, nbytes: int) -> float:
+    def gossip_time(self, senders: np.ndarray, nbytes: "int | np.ndarray") -> float:
         """How long one synchronous gossip step takes: each node sends one copy per out-edge over
         its own uplink, one after another; the step ends when the slowest node is done. Counts
-        every sender's busy time."""
+        every sender's busy time. `nbytes` may give each node its own message size."""
         system = self.system
         copies = np.bincount(senders, minlength=len(self.busy))
         sending = np.where(copies > 0, system.latency + copies * nbytes / system.bandwidth, 0.0)

@@ -24,6 +24,7 @@ everywhere in fedsim; the noise itself is drawn by a torch generator seeded from
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Literal, Mapping
 
@@ -42,10 +43,15 @@ Sampling = Literal["poisson", "fixed"]
 class PrivacyConfig(Section):
     """Settings of DP-FedAvg (server-side) and local DP-SGD, for a `[privacy]` table.
 
-    Defaults follow the papers: Andrew et al.'s target quantile 0.5, clip learning rate 0.2 and
-    count noise sigma_b = expected cohort / 20 (when `count_noise_std` is left unset).
+    `mode = "server"`: DP-FedAvg, user-level privacy against anyone who sees the released models
+    (the server is trusted with the clipped updates); `mode = "local"`: DP-SGD inside each
+    client's training, example-level privacy of each client's data against everyone else
+    (`clip_norm` then bounds per-example gradients; `sampling`, `adaptive` and its keys do not
+    apply). Defaults follow the papers: Andrew et al.'s target quantile 0.5, clip learning rate
+    0.2 and count noise sigma_b = expected cohort / 20 (when `count_noise_std` is left unset).
     """
 
+    mode: Literal["server", "local"] = "server"
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     sampling: Sampling = "poisson"
@@ -78,7 +84,7 @@ def update_norms(stacked: Mapping[str, Tensor]) -> Tensor:
     total = torch.zeros(n, dtype=torch.float64)
     for t in stacked.values():
         if t.is_floating_point():
-            total += t.reshape(n, -1).to(torch.float64).pow(2).sum(1)
+            total += t.reshape(n, t[0].numel() if n else 0).to(torch.float64).pow(2).sum(1)  # n = 0: an empty cohort
     return total.sqrt()
 
 
@@ -120,10 +126,13 @@ def dp_fedavg_aggregate(
         raise ValueError(f"expected_clients must be > 0, got {expected_clients!r}")
     clipped, norms = clip_updates(deltas, clip_norm)
     std = noise_multiplier * clip_norm / expected_clients
-    noise = gaussian_noise_like(clipped, std, rng)
+    noise = gaussian_noise_like({name: t[0] if len(t) else t.sum(0) for name, t in clipped.items()}, std, rng)  # one row's shape
     out = {}
     for name, t in clipped.items():
-        out[name] = t.sum(0) / expected_clients + noise[name] if t.is_floating_point() else t[0].clone()
+        if t.is_floating_point():
+            out[name] = t.sum(0) / expected_clients + noise[name]
+        else:
+            out[name] = t[0].clone() if len(t) else torch.zeros(t.shape[1:], dtype=t.dtype)
     return out, norms
 
 
@@ -213,6 +222,16 @@ class PrivacyAccountant:
         except ImportError:
             raise FedsimError("privacy accounting needs dp-accounting: pip install 'fedsim[privacy]'") from None
 
+        # the library warns, for each fractional RDP order whose series it drops, on every call
+        quiet = logging.getLogger("absl")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return self._epsilon(dp_accounting, RdpAccountant)
+        finally:
+            quiet.setLevel(level)
+
+    def _epsilon(self, dp_accounting: Any, RdpAccountant: Any) -> float:
         relation = dp_accounting.NeighboringRelation
         if self.sampling == "poisson":
             accountant = RdpAccountant(neighboring_relation=relation.ADD_OR_REMOVE_ONE)

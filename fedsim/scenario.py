@@ -168,6 +168,8 @@ class Scenario(Section):
     aggregator: NamedSection | None = None
     server_optimizer: NamedSection | None = None  # how the server steps after the rule (FedOpt)
     adversary: dict[str, Any] | None = None  # Byzantine clients (fedsim.adversary.AdversaryConfig)
+    privacy: dict[str, Any] | None = None  # DP-FedAvg or local DP-SGD (fedsim.privacy.PrivacyConfig)
+    compression: dict[str, Any] | None = None  # compressed uploads (fedsim.compression.CompressionConfig)
     system: SystemConfig = SystemConfig()
     tracking: TrackingConfig | None = None
     plugins: PluginsConfig | None = None
@@ -523,6 +525,10 @@ def _check_plugins(scenario: Scenario) -> None:
         server_optimizer_config(scenario, "")
     if scenario.adversary is not None:
         adversary_config(scenario, "")
+    if scenario.privacy is not None:
+        privacy_config(scenario, "")
+    if scenario.compression is not None:
+        compression_config(scenario, "")
     if scenario.topology is not None:
         from .topologies import MIXING_RULES
 
@@ -548,8 +554,32 @@ def adversary_config(scenario: Scenario, source: str) -> Any:
     return _model(AdversaryConfig, scenario.adversary, source, "adversary.")
 
 
+def privacy_config(scenario: Scenario, source: str) -> Any:
+    """The validated `[privacy]` table (DP-FedAvg at the server, or local DP-SGD)."""
+    from .privacy import PrivacyConfig
+
+    return _model(PrivacyConfig, scenario.privacy, source, "privacy.")
+
+
+def compression_config(scenario: Scenario, source: str) -> Any:
+    """The validated `[compression]` table (the upload compressor and error feedback)."""
+    from .compression import CompressionConfig
+
+    return _model(CompressionConfig, scenario.compression, source, "compression.")
+
+
 def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: AlgorithmConfig) -> None:
     n = scenario.data.num_clients
+    if scenario.privacy is not None and scenario.privacy.get("mode", "server") == "server":
+        if spec.needs_topology:
+            raise ScenarioError(f"algorithm '{config.name}' has no server to clip and noise updates (DP-FedAvg): "
+                                "use mode = \"local\" (DP-SGD) on a graph", key="privacy.mode")
+        if scenario.aggregator is not None:
+            raise ScenarioError("DP-FedAvg's merge is the clipped, noised mean of the updates: remove the "
+                                "[aggregator] table (or use mode = \"local\")", key="aggregator")
+    if scenario.compression is not None and spec.needs_topology and config.name != "choco":
+        raise ScenarioError(f"graph method '{config.name}' gossips uncompressed models: compressed gossip is "
+                            "algorithm.name = \"choco\" (CHOCO-SGD)", key="compression")
     per_round = getattr(config, "clients_per_round", None)
     if per_round is not None and per_round > n:
         raise ScenarioError(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .aggregation import Aggregator, make_batch
+from .errors import ScenarioError
 from .ledger import SERVER
 from .params import Params, UpdateBatch, clone, num_bytes
 from .sampling import hash_order
@@ -14,6 +15,10 @@ from .training import ClientResult, TrainJob, Trainer
 
 if TYPE_CHECKING:
     from .coordinator import RunContext
+
+
+def _model_bytes(result: ClientResult) -> int:
+    return num_bytes(result.params)
 
 
 class ServerRounds:
@@ -41,7 +46,7 @@ class ServerRounds:
         clients_per_round: int,
         deadline: float | None = None,
         download_bytes: Callable[[Params], int] = num_bytes,
-        upload_bytes: Callable[[ClientResult], int] = lambda r: num_bytes(r.params),
+        upload_bytes: Callable[[ClientResult], int] = _model_bytes,
         sampler: str = "uniform",
         payload: Callable[[int], Params] | None = None,
         after_merge: Callable[[UpdateBatch, int], None] | None = None,
@@ -72,6 +77,20 @@ class ServerRounds:
         self.download_bytes = download_bytes
         self.upload_bytes = upload_bytes
         self.params: Params = clone(ctx.init_params)
+        # DP-FedAvg ([privacy] mode = "server") replaces the sample and the merge; it clips and
+        # noises the model update alone, so a method that sends or merges more is refused
+        self.privacy = ctx.dp_fedavg(clients_per_round)
+        if self.privacy is not None:
+            hooks = [name for name, hook in (("payload", payload), ("after_merge", after_merge), ("prepare", prepare))
+                     if hook is not None]
+            if hooks or sampler != "uniform":
+                why = f"its {', '.join(hooks)} hook{'s' if len(hooks) > 1 else ''}" if hooks else \
+                    f"sampler = {sampler!r} (not random, so sampling does not amplify privacy)"
+                raise ScenarioError(f"DP-FedAvg clips and noises the model update only; {ctx.spec.algorithm_config.name} "
+                                    f"has {why}: remove [privacy] or use mode = \"local\"", key="privacy.mode")
+        # [compression] compresses uploads that are the model (update); methods that count their
+        # own upload (adapters, projections, control variates) are left alone, and refused
+        self.compression = ctx.uploads() if upload_bytes is _model_bytes else None
 
     @property
     def aggregator_state(self) -> dict[str, object]:
@@ -92,7 +111,8 @@ class ServerRounds:
 
     def step(self, round: int) -> dict[str, float]:
         ctx, net, now = self.ctx, self.ctx.net, self.ctx.clock.now
-        sampled = self.sample(round)
+        poisson = self.privacy.sample(ctx, round) if self.privacy is not None else None
+        sampled = self.sample(round) if poisson is None else poisson
         extra = self.payload(round) if self.payload is not None else None
         down = self.download_bytes(self.params) + (num_bytes(extra) if extra else 0)
         reached = [c for c in net.post(SERVER, sampled, down, purpose="download", ids=(round,)) if net.alive(c, now, round)]
@@ -100,9 +120,12 @@ class ServerRounds:
         results = self.executor.train(self.params, jobs, extra) if reached else []
         results = ctx.screen(results, round)
         limit = self.deadline if self.deadline is not None else np.inf
+        sizes: dict[int, int] = {}
+        if self.compression is not None:  # what arrives is the model rebuilt from the compressed update
+            results, sizes = self.compression.apply(ctx, self.params, results, round)
         kept, longest = [], 0.0
         for r in results:
-            up = self.upload_bytes(r)
+            up = self.upload_bytes(r) if not sizes else sizes[r.client_id]
             duration = net.round_trip(r.client_id, r.steps, down, up, job=round, limit=limit)
             longest = max(longest, min(duration, limit))
             if duration <= limit and net.post(r.client_id, [SERVER], up, purpose="upload", ids=(round,)):
@@ -111,6 +134,8 @@ class ServerRounds:
             longest = self.deadline  # the server waited for someone who never came
         ctx.clock.advance_to(now + longest)
         metrics = {"failures": float(len(sampled) - len(kept))}
+        if self.privacy is not None:
+            return self._private_merge(kept, round, metrics)
         if not kept:
             return {"train_loss": float("nan"), **metrics}
         batch = make_batch(kept)
@@ -125,6 +150,23 @@ class ServerRounds:
         metrics["train_loss"] = float(sum(w * r.train_loss for w, r in zip(weights, kept)))
         # a rule may report per-round figures (LoRA-FAIR's cosines, Ferret's reconstruction error)
         metrics.update(getattr(self.aggregator, "stats_", None) or {})
+        return metrics
+
+    def _private_merge(self, kept: list[ClientResult], round: int, metrics: dict[str, float]) -> dict[str, float]:
+        """DP-FedAvg's merge: the engine's view of the batch (an adversary's rows included),
+        clipped, averaged over the expected cohort, noised; then the server's step (a server
+        optimiser post-processes the noisy update, which costs no privacy). An empty round still
+        releases noise, and counts for the accountant."""
+        ctx = self.ctx
+        batch = make_batch(kept) if kept else None
+        if batch is not None:
+            for hook in ctx.batch_hooks:
+                batch = hook(batch, self.params, round)
+        assert self.privacy is not None
+        new, figures = self.privacy.merge(ctx, self.params, batch, round)
+        self.params = ctx.server_step(self.params, new, round=round)
+        metrics.update(figures)
+        metrics["train_loss"] = float(np.mean([r.train_loss for r in kept])) if kept else float("nan")
         return metrics
 
     def evaluate(self) -> dict[str, float]:

@@ -195,6 +195,10 @@ class SGDTrainer:
     local_steps: int | None = None
     sam_rho: float = 0.0  # > 0: sharpness-aware steps (Foret et al., 2021) with this radius
     objective: LocalObjective | None = None  # a term added to the local loss (FedProx, SCAFFOLD, ...)
+    # local DP-SGD (Abadi et al. 2016; [privacy] mode = "local"): per-example gradients clipped to
+    # dp_clip, Gaussian noise of std dp_noise * dp_clip added to their sum; None = plain SGD
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: LocalSGDConfig, **changes: Any) -> "SGDTrainer":
@@ -244,12 +248,19 @@ class SGDTrainer:
             return loss
 
         buffers: list[Tensor | None] = [None] * len(trainable)
-        for step, idx in enumerate(minibatches(len(y), self.batch_size, steps, rng)):
+        batches: Any = minibatches(len(y), self.batch_size, steps, rng)
+        if self.dp_clip is not None:
+            batches = list(batches)  # drawn first, then the noise's seed: as the vectorised path does
+            private = PrivateGradient(model, named, self.dp_clip, self.dp_noise, dp_noise_generator(rng))
+        for step, idx in enumerate(batches):
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
             for p in trainable:
                 p.grad = None
-            loss = loss_fn(xb, yb)
-            loss.backward()
+            if self.dp_clip is not None:
+                loss = private.step(xb, yb)
+            else:
+                loss = loss_fn(xb, yb)
+                loss.backward()
             if self.sam_rho > 0:
                 sam_gradient(trainable, lambda: loss_fn(xb, yb), self.sam_rho)
             for name in frozen_at(objective, step):
@@ -261,6 +272,47 @@ class SGDTrainer:
         if objective is not None:
             state, extras = objective.after(params, end, inputs, steps, lr)
         return TrainOutput(shared_part(objective, end), steps, total / steps, extras=extras, state=state)
+
+
+def dp_noise_generator(rng: np.random.Generator) -> torch.Generator:
+    """The generator of a client job's DP-SGD noise, seeded from the job's own generator once its
+    minibatches are drawn: both training paths draw the same noise, step by step, tensor by
+    tensor, from it."""
+    return torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+
+
+def dp_noise_draw(shapes: dict[str, torch.Size], dtype: torch.dtype, g: torch.Generator) -> Params:
+    """One step's standard normal noise for each trainable tensor, in name order."""
+    return {n: torch.randn(shape, generator=g, dtype=dtype) for n, shape in shapes.items()}
+
+
+class PrivateGradient:
+    """One client's DP-SGD steps, one after another: per-example gradients with `torch.func`
+    (vmap over the minibatch), clipped, summed, noised and averaged into each parameter's `.grad`
+    (`fedsim.privacy.privatize`)."""
+
+    def __init__(self, model: nn.Module, named: dict[str, Tensor], clip: float, noise: float, g: torch.Generator):
+        from torch.func import functional_call, grad_and_value, vmap
+
+        self.named, self.clip, self.noise, self.g = named, clip, noise, g
+        fixed = {n: t for n, t in model.state_dict().items() if n not in named}
+
+        def one(w: Params, x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(functional_call(model, {**w, **fixed}, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+        self.per_example = vmap(grad_and_value(one), in_dims=(None, 0, 0))
+        self.shapes = {n: p.shape for n, p in named.items()}
+
+    def step(self, xb: Tensor, yb: Tensor) -> Tensor:
+        from .privacy import privatize
+
+        w = {n: p.detach() for n, p in self.named.items()}
+        grads, losses = self.per_example(w, xb, yb)
+        dtype = next(iter(w.values())).dtype
+        noisy = privatize(grads, self.clip, self.noise, dp_noise_draw(self.shapes, dtype, self.g))
+        for n, p in self.named.items():
+            p.grad = noisy[n]
+        return losses.mean()
 
 
 @torch.no_grad()

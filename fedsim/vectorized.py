@@ -26,6 +26,8 @@ from .training import (
     TrainJob,
     TrainOutput,
     adds_to_loss,
+    dp_noise_draw,
+    dp_noise_generator,
     frozen_at,
     minibatches,
     objective_inputs,
@@ -93,6 +95,13 @@ def train_chunk(
 
     if batch_term is not None:
         stack = None  # a term on the representation needs the model's own forward pass
+    private = trainer.dp_clip is not None
+    if private:
+        if adds_to_loss(objective) or trainer.sam_rho:
+            raise ValueError("local DP-SGD trains plain SGD only (no loss term, no SAM)")
+        stack = None  # per-example gradients: vmap over examples inside the vmap over clients
+        dp_grad = _private_gradients(model, trainer.dp_clip, trainer.dp_noise)
+        noise_gens = [dp_noise_generator(r) for r in rngs]  # after the minibatches, as the sequential path
     if stack is not None:
         term = vmap(grad_and_value(objective.loss)) if adds_to_loss(objective) else None
 
@@ -154,7 +163,11 @@ def train_chunk(
             _, losses = stack.gradients({**weights, **frozen}, xb, yb, mask, trainable, step=step_lr)  # type: ignore[union-attr]
             totals += torch.where(active, losses.double(), 0.0).cpu()
             continue
-        grads, losses = grad_fn(weights, frozen, xb, yb, mask, start, extra)
+        if private:
+            noise = _noise_step(weights, noise_gens, [s < n for n in steps])
+            grads, losses = dp_grad(weights, frozen, xb, yb, mask, noise)
+        else:
+            grads, losses = grad_fn(weights, frozen, xb, yb, mask, start, extra)
         if trainer.sam_rho > 0:
             grads = _sam(grad_fn, weights, frozen, grads, xb, yb, mask, trainer.sam_rho, start, extra)
         totals += torch.where(active, losses.detach().double(), 0.0).cpu()
@@ -194,6 +207,39 @@ def train_chunk(
             result.state, result.extras = objective.after(params[c], end, inputs[c], steps[c], lrs[c])
         out.append(result)
     return out
+
+
+def _private_gradients(model: nn.Module, clip: float, noise_multiplier: float):
+    """DP-SGD's gradient for every client of a chunk (Abadi et al. 2016, Algorithm 1): per-example
+    gradients by a vmap over the minibatch, clipped to `clip` each, padded rows masked out, summed,
+    plus noise_multiplier * clip * xi, over the batch's real size; a vmap over the clients around
+    it. Returns (gradients, mean loss) per client."""
+    from .privacy import clip_per_example
+
+    def one(w: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, {**w, **fixed}, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_example = vmap(grad_and_value(one), in_dims=(None, None, 0, 0))
+
+    def client(w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, xi: Params):
+        grads, losses = per_example(w, fixed, xb, yb)
+        clipped = clip_per_example(grads, clip)
+        count = mask.sum()
+        out = {n: ((g * _expand(mask, g)).sum(0) + noise_multiplier * clip * xi[n]) / count for n, g in clipped.items()}
+        return out, (losses * mask).sum() / count
+
+    return vmap(client)
+
+
+def _noise_step(weights: Params, gens: Sequence[torch.Generator], active: Sequence[bool]) -> Params:
+    """One step's noise for each client of the chunk, from its own generator; a client past its
+    last step draws nothing (its throwaway step is never applied), as in the sequential path."""
+    shapes = {n: w.shape[1:] for n, w in weights.items()}
+    dtype = next(iter(weights.values())).dtype
+    rows = [dp_noise_draw(shapes, dtype, g) if on else {n: torch.zeros(sh, dtype=dtype) for n, sh in shapes.items()}
+            for g, on in zip(gens, active)]
+    device = next(iter(weights.values())).device
+    return {n: torch.stack([r[n] for r in rows]).to(device) for n in shapes}
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

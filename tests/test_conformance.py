@@ -287,6 +287,9 @@ FLOWS = {
     "dfedavgm": scenario({"name": "dfedavgm", **GRAPH}, topology=True),
     "dfedsam": scenario({"name": "dfedsam", **GRAPH}, topology=True),
     "dfedsam_mgs": scenario({"name": "dfedsam_mgs", **GRAPH, "gossip_steps": 2}, topology=True),
+    # CHOCO's public copies x_hat are state too
+    "choco": {**scenario({"name": "choco", "gamma": 0.5, "gossip_steps": 2}, topology=True),
+              "compression": {"name": "top_k", "ratio": 0.1}},
     # a slow link, so that uplinks queue copies and when each is free again matters
     "gossip": scenario({"name": "gossip", "merge": "variance_corrected"}, topology=True,
                        system={"link": {"bandwidth_mbps": 0.1, "latency_ms": 30}}),

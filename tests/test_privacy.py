@@ -60,9 +60,10 @@ def test_dp_fedavg_divides_the_clipped_sum_by_the_expected_cohort():
 
 def test_server_noise_has_the_stated_std():
     # std = z C / (qN) = 1.5 * 2 / 10 = 0.3; sample std of 10^6 normals: standard error 0.0002
-    deltas = {"w": torch.zeros(5, 1000, 1000)}
+    deltas = {"w": torch.zeros(5, 1000, 1000)}  # noise is drawn per model: 10^6 normals
     out, _ = dp_fedavg_aggregate(deltas, clip_norm=2.0, noise_multiplier=1.5, expected_clients=10,
                                  rng=np.random.default_rng(3))
+    assert out["w"].shape == (1000, 1000)  # one model's noise, not one per client
     assert abs(float(out["w"].std()) - 0.3) < 0.002 and abs(float(out["w"].mean())) < 0.002
     again, _ = dp_fedavg_aggregate(deltas, clip_norm=2.0, noise_multiplier=1.5, expected_clients=10,
                                    rng=np.random.default_rng(3))
