@@ -58,6 +58,8 @@ from fedsim import (
     num_bytes,
     register_algorithm,
     require_connected,
+    require_neighbourhoods,
+    rule_min_clients,
     stack,
 )
 
@@ -118,6 +120,11 @@ class GossipConfig(LocalSGDConfig):
     eval_nodes: int = Field(16, ge=1)
     round_seconds: float | None = Field(None, gt=0)
 
+    def neighbourhood_size(self, degree: int) -> tuple[int, str]:
+        """Models in the merge of a node with `degree` neighbours: it merges once it has received
+        ceil(buffer_factor x degree) of them (its own is not in the rule's batch)."""
+        return max(1, math.ceil(self.buffer_factor * degree)), f"the models it waits for, buffer_factor x {degree}"
+
 
 class GossipLearning:
     """Event-driven gossip: jobs finish, models travel and merges happen in simulated-time order."""
@@ -129,6 +136,7 @@ class GossipLearning:
             require_connected(ctx.graph, "gossip learning")
         except TopologyError as exc:
             raise exc.located(key="topology") from None
+        require_neighbourhoods(ctx.graph, *rule_min_clients(ctx.spec.scenario), cfg.neighbourhood_size)
         self.cfg, self.ctx = cfg, ctx
         self.trainer = SGDTrainer.from_config(cfg)
         self.rule = ctx.rule(Mean())
