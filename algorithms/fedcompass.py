@@ -93,10 +93,13 @@ class FedCompass(AsyncServer):
         self.general: list[Arrival] = []
         self._next_group = 0
         self.group_sizes: list[int] = []
-        # a rule that needs several updates (Krum's 2f + 3) cannot merge one arrival or a small
-        # group: updates then wait in the general buffer until a group aggregation holds enough
+        # A rule that needs several updates (Krum's 2f + 3) cannot merge one arrival or a small
+        # group: updates then wait in the general buffer until a group aggregation holds enough.
+        # Any scenario rule sees first arrivals with the next group rather than alone: a lone
+        # update is its own median, so an attacker's first one would pass any robust rule.
         need = getattr(self.rule, "min_clients", 1)
         self.min_merge = need if isinstance(need, int) else 1
+        self.first_alone = ctx.spec.scenario.aggregator is None
         if self.min_merge > n:
             raise ScenarioError(f"the aggregator needs at least {self.min_merge} updates per merge, more than the "
                                 f"{n} clients", key="aggregator")
@@ -127,7 +130,7 @@ class FedCompass(AsyncServer):
         beta = self.cfg.speed_momentum
         self.speed[i] = observed if np.isnan(self.speed[i]) else (1 - beta) * self.speed[i] + beta * observed
         g = int(self.group_of[i])
-        if g < 0 and self.min_merge > 1:  # first arrival, too few for the rule: wait, then join a group
+        if g < 0 and not self.first_alone:  # first arrival under a scenario rule: wait, then join a group
             self.general.append(arrival)
             self._schedule(i, now)
             return
@@ -156,6 +159,8 @@ class FedCompass(AsyncServer):
         group = self.groups[g]
         group.closed = True
         updates = group.arrived + self.general
+        if not self.first_alone:  # a scenario rule counts senders: each client's latest update only
+            updates = list({a.client: a for a in sorted(updates, key=lambda a: a.version)}.values())
         if 0 < len(updates) < self.min_merge:  # too few for the rule: they wait for the next group
             self.general = updates
             updates = []

@@ -140,6 +140,10 @@ class GossipLearning:
         self.cfg, self.ctx = cfg, ctx
         self.trainer = SGDTrainer.from_config(cfg)
         self.rule = ctx.rule(Mean())
+        # A fast neighbour may push twice before a merge. The default mean merges every received
+        # model; a scenario's [aggregator] (robust rules tolerate f *senders*) gets one model per
+        # sender, its latest, so that no Byzantine sender holds two votes.
+        self.votes_per_sender = ctx.spec.scenario.aggregator is not None
         self.jobs = JobPool(ctx.executor(self.trainer))
         self.X = initial_nodes(ctx, cfg.init)
         self.nbytes = num_bytes({k: v[0] for k, v in self.X.items()})
@@ -210,8 +214,12 @@ class GossipLearning:
         self._start(i, now)
 
     def _merge(self, i: int) -> None:
-        senders = [j for j, _ in self.buffers[i]]
-        received = stack([params for _, params in self.buffers[i]])
+        buffer = self.buffers[i]
+        if self.votes_per_sender:  # a configured rule counts senders: each one's latest model only
+            latest = {j: params for j, params in buffer}
+            buffer = sorted(latest.items())
+        senders = [j for j, _ in buffer]
+        received = stack([params for _, params in buffer])
         m = len(senders)
         self.buffers[i] = []
         own = self._node(i)
