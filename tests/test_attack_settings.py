@@ -228,3 +228,17 @@ def test_fedcompass_holds_updates_until_the_rule_has_enough(tmp_path):
     SEEN.clear()
     run(tmp_path, SETTINGS["fedcompass"] + '\n[aggregator]\nname = "test_record"\ninner = "fedavg"\n', "mean")
     assert min(len(e["batch"]) for e in SEEN) >= 2  # a scenario rule never sees a lone update
+
+
+@pytest.mark.slow
+def test_gossip_gives_each_sender_one_vote_under_a_rule(tmp_path):
+    """Fast neighbours push twice before some merges (buffers of 12 and 13 from 7 neighbours here):
+    a scenario rule still sees each sender once, its latest model, so that a Byzantine sender
+    cannot hold two of the f votes a rule tolerates."""
+    SEEN.clear()
+    run(tmp_path, OUTCOME["gossip"] + '\n[aggregator]\nname = "test_record"\n', "gossip")
+    assert len(SEEN) > 10
+    for entry in SEEN:
+        ids = entry["batch"].client_ids.tolist()
+        assert len(set(ids)) == len(ids) and ids == sorted(ids), ids
+    assert max(len(e["batch"]) for e in SEEN) <= 7
