@@ -73,12 +73,12 @@ def figure(df: pd.DataFrame, settings: list[str], path: Path) -> None:
             for rule in [r for r in RULES if r in set(part.rule)]:
                 mine = part[(part.rule == rule) & ((part.attack == attack) | (part.fraction == 0.0))]
                 mine = mine.drop_duplicates("fraction").sort_values("fraction")
-                ax.plot(mine.fraction * 100, mine.final, marker="o", label=rule)
+                ax.plot(mine.fraction * 100, mine.final, marker="o", label=rule, color=f"C{RULES.index(rule)}")
             ax.set_title(f"{SETTINGS[setting]}: {attack}", fontsize=9)
             ax.set_xlabel("attackers (%)")
             ax.grid(alpha=0.3)
         row[0].set_ylabel("final test accuracy")
-    axes[0][-1].legend(fontsize=7)
+        row[-1].legend(fontsize=7)  # one per row: the ring runs fewer rules
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
