@@ -40,5 +40,5 @@ case "$PART" in
   all) server > "$R/server.log" 2>&1 & s=$!; graph > "$R/graph.log" 2>&1 & g=$!; wait $s; wait $g ;;
   *) echo "usage: $0 [server|graph|all]" >&2; exit 2 ;;
 esac
-find "$R" \( -name convergence.png -o -name checkpoint.pt \) -delete
+find "$R" \( -name convergence.png -o -name checkpoint.pt -o -name .runs.csv.lock \) -delete
 "$PY" reports/robustness_tables.py
