@@ -34,6 +34,9 @@ class FedAsyncConfig(AsyncConfig):
     local_steps: int | None = Field(20, ge=1)
     weighting: Literal["paper", "appfl"] = "paper"
 
+    def smallest_merge(self) -> tuple[int, str, str]:
+        return 1, "aggregator", "fedasync merges each update alone as it arrives, which"
+
 
 def mixing_weight(cfg: FedAsyncConfig, staleness_weight: float, p_client: float) -> float:
     """alpha_t for one arrival: alpha s(tau) ("paper") or alpha s(tau) p_i ("appfl")."""

@@ -39,6 +39,9 @@ class FedBuffConfig(AsyncConfig):
     local_steps: int | None = Field(20, ge=1)
     weighting: Literal["paper", "appfl"] = "paper"
 
+    def smallest_merge(self) -> tuple[int, str, str]:
+        return self.buffer_size, "algorithm.buffer_size", f"algorithm.buffer_size = {self.buffer_size}"
+
 
 def buffer_coefficients(cfg: FedBuffConfig, p: np.ndarray, staleness_weights: np.ndarray) -> np.ndarray:
     """c_j for the buffered updates, given their clients' weights p_j (over all clients) and

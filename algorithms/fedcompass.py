@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import Field, model_validator
 
-from fedsim import Arrival, AsyncConfig, AsyncServer, RunContext, SGDTrainer, checkpointable, register_algorithm
+from fedsim import ScenarioError, Arrival, AsyncConfig, AsyncServer, RunContext, SGDTrainer, checkpointable, register_algorithm
 
 
 @checkpointable
@@ -93,6 +93,16 @@ class FedCompass(AsyncServer):
         self.general: list[Arrival] = []
         self._next_group = 0
         self.group_sizes: list[int] = []
+        # A rule that needs several updates (Krum's 2f + 3) cannot merge one arrival or a small
+        # group: updates then wait in the general buffer until a group aggregation holds enough.
+        # Any scenario rule sees first arrivals with the next group rather than alone: a lone
+        # update is its own median, so an attacker's first one would pass any robust rule.
+        need = getattr(self.rule, "min_clients", 1)
+        self.min_merge = need if isinstance(need, int) else 1
+        self.first_alone = ctx.spec.scenario.aggregator is None
+        if self.min_merge > n:
+            raise ScenarioError(f"the aggregator needs at least {self.min_merge} updates per merge, more than the "
+                                f"{n} clients", key="aggregator")
 
     def start(self) -> None:
         for client in range(self.ctx.data.num_clients):
@@ -120,6 +130,10 @@ class FedCompass(AsyncServer):
         beta = self.cfg.speed_momentum
         self.speed[i] = observed if np.isnan(self.speed[i]) else (1 - beta) * self.speed[i] + beta * observed
         g = int(self.group_of[i])
+        if g < 0 and not self.first_alone:  # first arrival under a scenario rule: wait, then join a group
+            self.general.append(arrival)
+            self._schedule(i, now)
+            return
         if g < 0:  # first arrival: apply at once, then join a group
             tau = self.version - arrival.version  # ts_i: the version the client trained from
             self.merge([arrival.delta], np.array([self.cfg.alpha * self.weight(tau) * self.p[i]]), [i], [int(tau)])
@@ -145,14 +159,19 @@ class FedCompass(AsyncServer):
         group = self.groups[g]
         group.closed = True
         updates = group.arrived + self.general
-        if updates:  # a deadline that finds nobody arrived and nothing buffered changes nothing
+        if not self.first_alone:  # a scenario rule counts senders: each client's latest update only
+            updates = list({a.client: a for a in sorted(updates, key=lambda a: a.version)}.values())
+        if 0 < len(updates) < self.min_merge:  # too few for the rule: they wait for the next group
+            self.general = updates
+            updates = []
+        elif updates:  # a deadline that finds nobody arrived and nothing buffered changes nothing
             # staleness counts from the version each update was trained from, late ones included
             taus = np.array([self.version - a.version for a in updates])
             coefficients = self.cfg.alpha * self.weight(taus) * self.p[[a.client for a in updates]]
             self.merge([a.delta for a in updates], coefficients, [a.client for a in updates], [int(t) for t in taus])
             self.applied_staleness += [int(t) for t in taus]
             self.group_sizes.append(len(group.arrived))
-        self.general = []
+            self.general = []
         members = sorted((a.client for a in group.arrived), key=lambda c: (self.speed[c], c))
         self._drop_if_empty(g)
         for c in members:  # fastest first, as the scheduler re-assigns them

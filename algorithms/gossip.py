@@ -58,6 +58,8 @@ from fedsim import (
     num_bytes,
     register_algorithm,
     require_connected,
+    require_neighbourhoods,
+    rule_min_clients,
     stack,
 )
 
@@ -118,6 +120,11 @@ class GossipConfig(LocalSGDConfig):
     eval_nodes: int = Field(16, ge=1)
     round_seconds: float | None = Field(None, gt=0)
 
+    def neighbourhood_size(self, degree: int) -> tuple[int, str]:
+        """Models in the merge of a node with `degree` neighbours: it merges once it has received
+        ceil(buffer_factor x degree) of them (its own is not in the rule's batch)."""
+        return max(1, math.ceil(self.buffer_factor * degree)), f"the models it waits for, buffer_factor x {degree}"
+
 
 class GossipLearning:
     """Event-driven gossip: jobs finish, models travel and merges happen in simulated-time order."""
@@ -129,9 +136,14 @@ class GossipLearning:
             require_connected(ctx.graph, "gossip learning")
         except TopologyError as exc:
             raise exc.located(key="topology") from None
+        require_neighbourhoods(ctx.graph, *rule_min_clients(ctx.spec.scenario), cfg.neighbourhood_size)
         self.cfg, self.ctx = cfg, ctx
         self.trainer = SGDTrainer.from_config(cfg)
         self.rule = ctx.rule(Mean())
+        # A fast neighbour may push twice before a merge. The default mean merges every received
+        # model; a scenario's [aggregator] (robust rules tolerate f *senders*) gets one model per
+        # sender, its latest, so that no Byzantine sender holds two votes.
+        self.votes_per_sender = ctx.spec.scenario.aggregator is not None
         self.jobs = JobPool(ctx.executor(self.trainer))
         self.X = initial_nodes(ctx, cfg.init)
         self.nbytes = num_bytes({k: v[0] for k, v in self.X.items()})
@@ -202,8 +214,12 @@ class GossipLearning:
         self._start(i, now)
 
     def _merge(self, i: int) -> None:
-        senders = [j for j, _ in self.buffers[i]]
-        received = stack([params for _, params in self.buffers[i]])
+        buffer = self.buffers[i]
+        if self.votes_per_sender:  # a configured rule counts senders: each one's latest model only
+            latest = {j: params for j, params in buffer}
+            buffer = sorted(latest.items())
+        senders = [j for j, _ in buffer]
+        received = stack([params for _, params in buffer])
         m = len(senders)
         self.buffers[i] = []
         own = self._node(i)

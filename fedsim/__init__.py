@@ -58,13 +58,16 @@ from .decentralized import (  # noqa: E402
     NodeEvaluator,
     initial_nodes,
     layer_variance,
+    require_neighbourhoods,
 )
+from .scenario import rule_min_clients  # noqa: E402
 from .topologies import require_connected  # noqa: E402
 from .lora import LORA_A, LORA_B, adapter_pairs, bytes_of, is_adapter, trainable_names  # noqa: E402
 
 __all__ += [
     "Arrival", "AsyncConfig", "AsyncServer", "DecentralizedConfig", "EventLoop", "GraphRounds", "JobPool", "Network",
     "NodeEvaluator", "RunContext", "initial_nodes", "layer_variance", "require_connected", "staleness_weight",
+    "require_neighbourhoods", "rule_min_clients",
     "LORA_A", "LORA_B", "adapter_pairs", "bytes_of", "is_adapter", "trainable_names",
 ]
 

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 import tomllib
+import zlib
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -159,7 +160,10 @@ class RunContext:
             if not bool(bad.any()):
                 return batch
             reference = None if batch.relative else global_params
-            rng = self.generator("adversary.round", round, int(batch.client_ids[0]) + 1)
+            # one stream per merge (its round and cohort), so that neighbourhoods sharing their
+            # first member do not draw the same noise
+            cohort = zlib.crc32(batch.client_ids.numpy().astype(np.int64).tobytes())
+            rng = self.generator("adversary.round", round, cohort)
             return replace(batch, params=corrupt(batch.params, bad, ~bad, reference, cfg, rng))
 
         self.batch_hooks.append(attack)

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from .aggregation import Aggregator, combine
-from .errors import TopologyError
+from .aggregation import Aggregator, WeightedMean, combine
+from .errors import ScenarioError, TopologyError
 from .models import build_model
 from .params import Params, UpdateBatch, stack
 from .registry import topologies
+from .scenario import rule_min_clients
 from .training import LocalSGDConfig, TrainJob, Trainer, get_params
 
 if TYPE_CHECKING:
@@ -34,6 +35,25 @@ class DecentralizedConfig(LocalSGDConfig):
     gossip_steps: int = Field(1, ge=1)
     init: Literal["shared", "independent"] = "shared"
     eval_nodes: int = Field(16, ge=1)
+
+    def neighbourhood_size(self, degree: int) -> tuple[int, str]:
+        """Models in the merge of a node with `degree` neighbours, and what they are: its
+        neighbours' and its own (the mixing matrix's diagonal)."""
+        return degree + 1, "its neighbours' models and its own"
+
+
+def require_neighbourhoods(G: nx.Graph, need: int, rule: str, size: Callable[[int], tuple[int, str]]) -> None:
+    """Refuse a graph where some node's merge holds fewer models than the rule needs (Krum's
+    2f + 3 on a ring's three), naming the node, before anything trains: one line, exit 2.
+    `size(degree)` is the merge's size for a node of that degree and what it counts."""
+    if need <= 1 or G.number_of_nodes() == 0:
+        return
+    node, degree = min(G.degree, key=lambda nd: (nd[1], nd[0]))
+    have, what = size(int(degree))
+    if have < need:
+        raise ScenarioError(f"{rule} needs at least {need} models per merge, but node {node} has "
+                            f"{degree} neighbours, so its merge holds {have} ({what}); use a denser graph "
+                            "or a smaller f", key="aggregator")
 
 
 def initial_nodes(ctx: "RunContext", init: str) -> Params:
@@ -129,11 +149,19 @@ class NodeEvaluator:
     def __init__(self, ctx: "RunContext", eval_nodes: int):
         self.ctx = ctx
         n = ctx.data.num_clients
-        rows = np.arange(n) if n <= eval_nodes else ctx.generator("eval.nodes").choice(n, eval_nodes, replace=False)
+        # attackers' models are not the system's: accuracy is that of the honest nodes
+        honest = np.setdiff1d(np.arange(n), ctx.attackers)
+        rows = honest if len(honest) <= eval_nodes else ctx.generator("eval.nodes").choice(honest, eval_nodes, replace=False)
         self.rows = np.sort(rows)
+        self.honest = None if len(honest) == n else torch.from_numpy(honest)
 
     def __call__(self, X: Params) -> dict[str, float]:
-        accs, losses = zip(*(self.ctx.evaluate({k: v[int(r)] for k, v in X.items()}) for r in self.rows))
+        if self.honest is not None:
+            X = {k: v[self.honest] for k, v in X.items()}
+            rows = np.searchsorted(self.honest.numpy(), self.rows)
+        else:
+            rows = self.rows
+        accs, losses = zip(*(self.ctx.evaluate({k: v[int(r)] for k, v in X.items()}) for r in rows))
         average = {k: (v.mean(0) if v.is_floating_point() else v[0]) for k, v in X.items()}
         avg_acc, avg_loss = self.ctx.evaluate(average)
         return {
@@ -167,10 +195,13 @@ class GraphRounds:
         self.executor = ctx.executor(trainer)
         self.gossip_steps = gossip_steps
         self.rule = ctx.aggregator  # None: the sparse product X <- W X, the fast path
+        if self.rule is None and ctx.batch_hooks:  # attackers' rows are replaced per neighbourhood
+            self.rule = WeightedMean()
         self.X = initial_nodes(ctx, init)
         self.evaluator = NodeEvaluator(ctx, eval_nodes)
         if self.topology.time_varying and "seed" not in inspect.signature(topologies.get(self.topology.name)).parameters:
             raise TopologyError(f"'{self.topology.name}' is not random, so it cannot vary over time", key="topology.time_varying")
+        self._need = rule_min_clients(ctx.spec.scenario) if self.rule is not None else (1, "")
         self._set_graph(ctx.graph)
 
     @classmethod
@@ -190,6 +221,7 @@ class GraphRounds:
             require_connected(G, self.purpose)
         except TopologyError as exc:
             raise exc.located(key="topology") from None
+        require_neighbourhoods(G, *self._need, lambda d: (d + 1, "its neighbours' models and its own"))
         self.graph = G
         self.W = mixing_operator(G, self.topology.mixing)
         self.senders, self.receivers = directed_edges(G)

@@ -88,4 +88,10 @@ def _topology(spec: Any) -> None:
             raise TopologyError(f"'{topo.name}' is not random, so it cannot vary over time", key="topology.time_varying")
     except FedsimError as exc:
         raise exc.located(key="topology") from None
+    size = getattr(spec.algorithm_config, "neighbourhood_size", None)
+    if size is not None:  # a rule needing more models than a node's merge holds (Krum on a ring)
+        from .decentralized import require_neighbourhoods
+        from .scenario import rule_min_clients
+
+        require_neighbourhoods(graph, *rule_min_clients(s), size)
 

@@ -190,6 +190,17 @@ class AlgorithmConfig(Section):
     accepts_aggregator: ClassVar[bool] = True
     name: str
 
+    def smallest_merge(self) -> tuple[int, str, str] | None:
+        """(size, key, why): how many updates the method's smallest merge holds when every client
+        answers, the key that sets it and a phrase saying so, so that a rule needing more (Krum's
+        2f + 3) is refused at validate rather than mid-run. None: the method does not say (graph
+        methods, whose neighbourhoods are checked on the built graph; methods that wait until
+        they hold enough updates)."""
+        per_round = getattr(self, "clients_per_round", None)
+        if not isinstance(per_round, int):
+            return None
+        return per_round, "algorithm.clients_per_round", f"algorithm.clients_per_round = {per_round}"
+
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
@@ -568,6 +579,34 @@ def compression_config(scenario: Scenario, source: str) -> Any:
     return _model(CompressionConfig, scenario.compression, source, "compression.")
 
 
+def rule_min_clients(scenario: Scenario) -> tuple[int, str]:
+    """The fewest updates the scenario's `[aggregator]` rule can merge (its `min_clients`, 1 for
+    rules that do not say), and the rule named with its f for messages."""
+    table = scenario.aggregator
+    if table is None or (_PLUGINS_OFF.get() is not None and ":" in table.name):
+        return 1, ""
+    from .aggregation import build_aggregator
+
+    try:
+        need = getattr(build_aggregator(table.name, table.options()), "min_clients", 1)
+    except FedsimError:  # an unknown or misconfigured rule is reported where rules are checked
+        return 1, ""
+    f = table.options().get("f")
+    return (need if isinstance(need, int) else 1), table.name + (f" with f = {f}" if f is not None else "")
+
+
+def _check_rule_fits(scenario: Scenario, config: AlgorithmConfig) -> None:
+    """A rule that needs more updates per merge than the method's merge holds is bad input."""
+    need, rule = rule_min_clients(scenario)
+    if need <= 1 or config.needs_topology:
+        return
+    smallest = config.smallest_merge()
+    if smallest is not None and smallest[0] < need:
+        size, key, why = smallest
+        raise ScenarioError(f"{rule} needs at least {need} updates per merge, but {why} "
+                            f"gives {size}", key=key)
+
+
 def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: AlgorithmConfig) -> None:
     n = scenario.data.num_clients
     if scenario.privacy is not None and scenario.privacy.get("mode", "server") == "server":
@@ -585,6 +624,7 @@ def _check_consistency(scenario: Scenario, spec: AlgorithmSpec, config: Algorith
         raise ScenarioError(
             f"expected at most data.num_clients = {n}, got {per_round}", key="algorithm.clients_per_round"
         )
+    _check_rule_fits(scenario, config)
     if scenario.server_optimizer is not None and (spec.needs_topology or not type(config).accepts_aggregator):
         raise ScenarioError(f"algorithm '{config.name}' has no global model for a server optimiser to step: "
                             "remove the [server_optimizer] table", key="server_optimizer")

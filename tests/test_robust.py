@@ -324,11 +324,43 @@ def test_robust_rules_merge_in_buffers_and_neighbourhoods(write_scenario, tmp_pa
     assert not curves["robust"]["test_loss"].equals(curves["default"]["test_loss"])
 
 
-@pytest.mark.slow
-def test_krum_on_a_ring_names_the_neighbourhood_it_cannot_serve(write_scenario, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_krum_on_a_ring_names_the_node_it_cannot_serve(write_scenario, tmp_path, capsys, command):
+    """A ring node merges three models; Krum with f = 1 needs five. Refused before anything
+    trains, by validate and run alike: one line naming the rule, its f, the node and the counts."""
     text = SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "dpsgd"')
     path = write_scenario(text + '\n[topology]\nname = "ring"\n\n[aggregator]\nname = "krum"\nf = 1\n')
-    assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 1
+    args = [command, str(path)] + (["--out", str(tmp_path / "o"), "--no-progress"] if command == "run" else [])
+    assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "krum: f=1, m=1 needs at least 5 updates per aggregation, got 3" in err[0]
-    assert "neighbourhood" in err[0]
+    assert len(err) == 1, err
+    assert "krum with f = 1 needs at least 5 models per merge, but node 0 has 2 neighbours, so its merge holds 3" in err[0]
+    assert "aggregator" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o" / "small" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("algorithm, rule, expected", [
+    ('name = "fedavg"\nclients_per_round = 4', 'name = "krum"\nf = 1',
+     "algorithm.clients_per_round: krum with f = 1 needs at least 5 updates per merge, but algorithm.clients_per_round = 4 gives 4"),
+    ('name = "fedbuff"\nbuffer_size = 6', 'name = "bulyan"\nf = 1',
+     "algorithm.buffer_size: bulyan with f = 1 needs at least 7 updates per merge, but algorithm.buffer_size = 6 gives 6"),
+    ('name = "fedasync"', 'name = "trimmed_mean"\nf = 1',
+     "trimmed_mean with f = 1 needs at least 3 updates per merge, but fedasync merges each update alone"),
+    ('name = "gossip"', 'name = "multi_krum"\nf = 1', "node 0 has 2 neighbours, so its merge holds 2 (the models it waits for"),
+])
+def test_merges_too_small_for_the_rule_are_refused_at_validate(write_scenario, capsys, algorithm, rule, expected):
+    text = SMALL.replace('name = "fedavg"\nclients_per_round = 4', algorithm)
+    if "gossip" in algorithm:
+        text += '\n[topology]\nname = "ring"\n'
+    path = write_scenario(text + f"\n[aggregator]\n{rule}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_rules_that_fit_the_merge_are_accepted(write_scenario, capsys):
+    text = SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "dpsgd"')
+    path = write_scenario(text + '\n[topology]\nname = "random_regular"\ndegree = 4\n\n[aggregator]\nname = "krum"\nf = 1\n')
+    assert main(["validate", str(path)]) == 0
+    path = write_scenario(SMALL + '\n[aggregator]\nname = "median"\n')  # no f: any cohort
+    assert main(["validate", str(path)]) == 0
