@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,12 +101,15 @@ def plain_rounds(rounds: int, per_round: int = 10, threads: int | None = None) -
 
 
 def quickstart_seconds() -> float:
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "fedsim", "run", "scenarios/quickstart.toml", "--out", "/tmp/fedsim-bench-runs", "--no-progress"],
-        check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1],
-    )
-    return time.perf_counter() - start
+    """A fresh `fedsim run` of the quickstart into an empty folder (an earlier run there would be
+    skipped, or refused if it ran another fedsim's scenario)."""
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as out:
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "fedsim", "run", "scenarios/quickstart.toml", "--out", out, "--no-progress"],
+            check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1],
+        )
+        return time.perf_counter() - start
 
 
 def main() -> None:
