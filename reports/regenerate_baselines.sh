@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds reports/baselines.md's data and tables. Run from the repository root:
 #   bash reports/regenerate_baselines.sh
-# 96 runs (16 methods x 3 splits x 2 seeds), about 40 minutes on a shared 2-core machine.
+# 144 runs (16 methods x 3 splits x 3 seeds), about an hour on 2 cores.
 # The report embeds the tables printed at the end; paste them in if the numbers move.
 set -e
 FEDSIM=${FEDSIM:-.venv/bin/fedsim}
