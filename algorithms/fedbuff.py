@@ -70,7 +70,7 @@ class FedBuff(AsyncServer):
             taus = [self.version - a.version for a in self.buffer]
             p = self.p[[a.client for a in self.buffer]]
             coefficients = buffer_coefficients(self.cfg, p, self.weight(np.array(taus)))
-            self.merge([a.delta for a in self.buffer], coefficients, [a.client for a in self.buffer], taus)
+            self.merge(self.deltas(self.buffer), coefficients, [a.client for a in self.buffer], taus)
             self.applied_staleness += taus
             self.buffer = []
         self.dispatch(arrival.client, now, int(self.steps[arrival.client]))

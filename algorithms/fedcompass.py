@@ -168,7 +168,7 @@ class FedCompass(AsyncServer):
             # staleness counts from the version each update was trained from, late ones included
             taus = np.array([self.version - a.version for a in updates])
             coefficients = self.cfg.alpha * self.weight(taus) * self.p[[a.client for a in updates]]
-            self.merge([a.delta for a in updates], coefficients, [a.client for a in updates], [int(t) for t in taus])
+            self.merge(self.deltas(updates), coefficients, [a.client for a in updates], [int(t) for t in taus])
             self.applied_staleness += [int(t) for t in taus]
             self.group_sizes.append(len(group.arrived))
             self.general = []
