@@ -31,7 +31,7 @@ from .errors import ClientError, FedsimError, PluginError
 from .params import Params, from_numpy, is_finite, to_numpy
 from .seeding import generator
 from .stacked_linear import LinearStack
-from .training import ClientResult, TrainJob, Trainer, TrainOutput, torch_threads
+from .training import ClientResult, TrainJob, Trainer, TrainOutput, adds_to_loss, torch_threads
 from .training_path import TrainingPath, calibrate
 
 
@@ -68,9 +68,15 @@ class Worker:
             import_modules(spec.plugins, spec.plugin_dirs)
         self.model = build_model(spec.model_name, spec.model_options, spec.input_shape, spec.num_classes, spec.seed)
         self.plan = vectorized.plan(self.model, spec.trainer)
-        # local DP-SGD needs per-example gradients, which the stacked MLP backward does not give
+        # The stacked MLP backward gives neither per-example gradients (local DP-SGD) nor a term on
+        # the representation (MOON), which needs the module's own forward pass: those train with
+        # vmap, and then never on two threads at once (functional_call swaps the shared module's
+        # tensors while it runs).
+        objective = getattr(spec.trainer, "objective", None)
         private = getattr(spec.trainer, "dp_clip", None) is not None
-        self.stack = LinearStack.of(self.model, tuple(spec.input_shape)) if self.plan is not None and not private else None
+        represents = adds_to_loss(objective) and getattr(objective, "batch_loss", None) is not None
+        plain = self.plan is not None and not private and not represents
+        self.stack = LinearStack.of(self.model, tuple(spec.input_shape)) if plain else None
         supported = self.plan is not None
         cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
         self.path: TrainingPath | None = None  # decided on the first jobs unless forced or unsupported

@@ -327,3 +327,21 @@ def test_convolutions_one_after_another_run_channels_last_with_the_same_numbers(
         for k, v in plain.params.items():
             assert result.params[k].is_contiguous()
             assert (result.params[k] - v).norm() <= 1e-5 * v.norm(), k
+
+
+def test_a_representation_term_trains_with_vmap_on_one_thread_and_matches_one_client_at_a_time():
+    # MOON's term runs the module's own forward (functional_call swaps the shared module's tensors):
+    # two chunk threads at once corrupted the model (found by the baselines report's MOON runs)
+    from fedsim.algorithms.moon import MoonObjective
+
+    data = build_federated_data(DATA, seed=0)
+    trainer = SGDTrainer(lr=0.1, batch_size=8, objective=MoonObjective(1.0, 0.5, ("1.weight", "1.bias", "3.weight", "3.bias")))
+    worker = Worker(data, spec_for(data, trainer=trainer, chunk_threads=2, chunk_size=4))
+    assert worker.engine == "vmap"
+    shared = shared_params(data)
+    jobs = [TrainJob(c, r) for r in (1, 2) for c in range(9)]
+    vectorised = [worker.run(shared, jobs[:9], vectorize=True), worker.run(shared, jobs[9:], vectorize=True)]
+    sequential = [worker.run(shared, jobs[:9], vectorize=False), worker.run(shared, jobs[9:], vectorize=False)]
+    for got, want in zip(sum(vectorised, []), sum(sequential, [])):
+        for name in want.params:
+            torch.testing.assert_close(got.params[name], want.params[name], rtol=1e-4, atol=1e-5)
