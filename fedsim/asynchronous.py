@@ -92,6 +92,10 @@ class AsyncServer:
         self.params: Params = clone(ctx.init_params)
         self.version = 0
         self.nbytes = num_bytes(self.params)
+        # [compression]: an arrival's update w_start - w_end is what the client sends, compressed
+        # with the client's own error memory; its upload is timed at the compressed size
+        self.compression = ctx.uploads()
+        self.upload_nbytes = self.nbytes if self.compression is None else self.compression.message_bytes(self.params)
         n = ctx.data.num_clients
         self.jobs_started = np.zeros(n, dtype=np.int64)
         self._round = 1
@@ -118,7 +122,7 @@ class AsyncServer:
         self.jobs_started[client] += 1
         start = dict(self.params)  # `merge` replaces tensors, never writes into them: no copy needed
         self.jobs.start((client, k), TrainJob(client, k + 1, steps=steps), start)
-        duration = net.round_trip(client, steps, self.nbytes, self.nbytes, job=k)
+        duration = net.round_trip(client, steps, self.nbytes, self.upload_nbytes, job=k)
         self._pending[(client, k)] = Arrival(client, None, start, self.version, steps, now)  # type: ignore[arg-type]
         self.loop.at(now + duration, "arrival", (client, k))
         return now + duration
@@ -183,8 +187,12 @@ class AsyncServer:
         result = self.loop.finish(self.jobs, key, arrival.client, now, self._round)
         if result is None:
             return
+        up = self.nbytes
+        if self.compression is not None:  # the server rebuilds w_end from w_start and what arrived
+            [result], sizes = self.compression.apply(self.ctx, arrival.start_params, [result], self._round, job=key[1])
+            up = sizes[arrival.client]
         arrival.result = result
-        reached = self.ctx.net.post(arrival.client, [SERVER], self.nbytes, purpose="upload", ids=key)
+        reached = self.ctx.net.post(arrival.client, [SERVER], up, purpose="upload", ids=key)
         if not reached or not self.ctx.screen([result], self._round):
             self.loop.idle[arrival.client] = True
             return

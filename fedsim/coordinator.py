@@ -190,8 +190,8 @@ class RunContext:
         return build_compressor(self.compression_config or CompressionConfig())
 
     def uploads(self) -> Any:
-        """Upload compression with error feedback for server rounds (`fedsim.upload_compression`),
-        or None without a `[compression]` table."""
+        """Upload compression with error feedback for server rounds and event-driven servers
+        (`fedsim.upload_compression`), or None without a `[compression]` table."""
         if self.compression_config is None:
             return None
         self.compression_used = True
@@ -466,7 +466,8 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                                     "remove [privacy] or use mode = \"local\"", key="privacy.mode")
             if ctx.compression_config is not None and not ctx.compression_used:
                 raise ScenarioError(f"algorithm '{name}' sends messages that [compression] cannot compress "
-                                    "(it supports fedavg-style server rounds and choco): remove the table",
+                                    "(it supports fedavg-style server rounds, fedasync, fedbuff, fedcompass and "
+                                    "choco): remove the table",
                                     key="compression")
             if s.aggregator is not None and not ctx.rule_used:
                 raise ScenarioError(f"algorithm '{spec.algorithm_config.name}' has no merge step that a rule can "

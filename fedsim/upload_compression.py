@@ -1,5 +1,6 @@
-"""Where a scenario's `[compression]` table meets server rounds: each client's upload is its
-update compressed (with error feedback, the compressor's leftover kept for the client's next
+"""Where a scenario's `[compression]` table meets server rounds and event-driven servers (FedAsync,
+FedBuff, FedCompass: per arrival, from the model that job started with): each client's upload is
+its update compressed (with error feedback, the compressor's leftover kept for the client's next
 upload), the server reconstructs the client's model from what arrived, and the ledger is charged
 the compressed message's exact size.
 
@@ -14,6 +15,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
+import numpy as np
+import torch
+
 from .client_state import ClientStates
 from .compression import CompressionConfig, build_compressor, error_feedback
 from .params import Params
@@ -26,13 +30,18 @@ class UploadCompression:
         self.compressor = build_compressor(cfg)
         self.memory = ClientStates()  # client -> its error memory e_k (error feedback only)
 
-    def apply(self, ctx: Any, params: Params, results: Sequence[ClientResult], round: int) -> tuple[list[ClientResult], dict[int, int]]:
+    def apply(
+        self, ctx: Any, params: Params, results: Sequence[ClientResult], round: int, job: int | None = None,
+    ) -> tuple[list[ClientResult], dict[int, int]]:
         """Each result with its model replaced by `params` + the compressed update, and each
-        client's message size in bytes."""
+        client's message size in bytes. `job` (an event-driven server's per-client job counter)
+        tells apart two uploads of one client in one recorded round, which would otherwise draw
+        the same random coordinates."""
         out, sizes = [], {}
         for r in results:
             update = {n: (t - params[n]) if t.is_floating_point() else t for n, t in r.params.items()}
-            rng = ctx.generator("compression", round, r.client_id)
+            ids = (round, r.client_id) if job is None else (round, r.client_id, job)
+            rng = ctx.generator("compression", *ids)
             if self.cfg.error_feedback:
                 memory = self.memory.states.get(r.client_id)
                 sent, nbytes, left = error_feedback(self.compressor, update, memory, rng)
@@ -43,6 +52,14 @@ class UploadCompression:
             out.append(replace(r, params=model))
             sizes[r.client_id] = int(nbytes)
         return out, sizes
+
+    def message_bytes(self, params: Params) -> int:
+        """The size of one upload of a model shaped like `params`, known before the update is:
+        every compressor's size depends on the shapes alone (top-k's also on which tensors its k
+        values fall in, when floating tensors mix dtypes; this counts a zero update's). Event-driven
+        servers time an upload when they dispatch the job, before it is trained."""
+        zeros = {n: torch.zeros_like(t) for n, t in params.items()}
+        return int(self.compressor(zeros, np.random.default_rng(0))[1])
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self.memory.states}

@@ -1,8 +1,9 @@
 """Attacks and robust rules in every setting: what a merge point's rule receives is checked row by
 row against the papers' formulas (ALIE, IPM, sign flipping) on that merge's honest rows; server
-rounds, FedBuff and FedCompass buffers, gossip merges and graph neighbourhoods alike. Label
-flipping acts on the attackers' data only, graph metrics leave attackers' models out, and a rule
-that needs more updates than a merge holds is refused before anything trains."""
+rounds, FedBuff and FedCompass buffers, gossip merges, graph neighbourhoods and MoDeST's
+aggregators alike. Label flipping acts on the attackers' data only, graph metrics leave attackers'
+models out, and a rule that needs more updates than a merge holds is refused before anything
+trains."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ SETTINGS = {
     "gossip": scenario("gossip", "", 'name = "random_regular"\ndegree = 4'),
     "dpsgd_ring": scenario("dpsgd", "", 'name = "ring"'),
     "dfedavg_ring": scenario("dfedavg", "local_steps = 3", 'name = "ring"'),
+    # MoDeST's aggregators merge the sample's models with the scenario's rule (ctx.combine)
+    "modest": scenario("modest", "sample_size = 10\nlocal_steps = 3"),
 }
 ATTACK = '\n[adversary]\nfraction = 0.25\nbehaviour = "{behaviour}"\n{keys}\n'
 
@@ -192,6 +195,7 @@ OUTCOME = {
     "fedcompass": scenario("fedcompass", "round_seconds = 1.0\nq_max = 8\nq_min = 2", rounds=4),
     "gossip": scenario("gossip", "", 'name = "random_regular"\ndegree = 7', rounds=4),
     "dfedavg": scenario("dfedavg", "local_steps = 3", 'name = "random_regular"\ndegree = 6', rounds=4),
+    "modest": scenario("modest", "sample_size = 8\nlocal_steps = 4", rounds=4),
 }
 BOOST = '\n[adversary]\nfraction = 0.1\nbehaviour = "scale"\nscale = -100.0\n'
 

@@ -1,8 +1,10 @@
 """[privacy] and [compression] in real runs: the epsilon a run records is the library's for its
 (q, sigma, steps); DP-FedAvg's update is clipped and noised as stated; local DP-SGD is the same
 hand-computed step on both training paths, with the stated noise; the ledger charges compressed
-messages to the byte; error feedback gives back what top-k dropped; CHOCO with the identity is
-D-PSGD; resumed runs give the same curves and state; combinations that make no sense are refused."""
+messages to the byte, in server rounds and per arrival in FedAsync, FedBuff and FedCompass; error
+feedback gives back what top-k dropped, each client's memory kept across its arrivals; CHOCO with
+the identity is D-PSGD; resumed runs give the same curves and state; combinations that make no
+sense are refused."""
 
 from __future__ import annotations
 
@@ -278,6 +280,106 @@ def test_top_k_with_error_feedback_gives_back_what_it_dropped_over_rounds():
 
 
 # ---------------------------------------------------------------------------------------------
+# compression in the event-driven servers: per arrival, from the model the job started with
+
+ASYNC = {
+    "fedbuff": {"name": "fedbuff", "clients_per_round": None, "buffer_size": 4},
+    "fedasync": {"name": "fedasync", "clients_per_round": None},
+    "fedcompass": {"name": "fedcompass", "clients_per_round": None, "q_max": 6, "q_min": 2},
+}
+
+
+def _async_run(algorithm: dict, compression: dict, rounds: int = 3):
+    """Builds and steps a real event-driven run, recording every upload the engine compressed
+    (client, the true update w_end - w_start, what was sent) and every batch a merge received."""
+    from fedsim.coordinator import RunContext, RunOptions
+    from fedsim.scenario import validate
+
+    spec = validate(scenario(algorithm, rounds=rounds, compression=compression), "<test>", {})
+    ctx = RunContext(spec, RunOptions(executor="inline"))
+    flow = spec.algorithm.build(spec.algorithm_config, ctx)
+    uploads, merged = [], []
+    apply = flow.compression.apply
+
+    def spy(ctx_, params, results, round, job=None):
+        out, sizes = apply(ctx_, params, results, round, job=job)
+        (r,), (o,) = results, out
+        uploads.append((r.client_id, {k: r.params[k] - params[k] for k in params},
+                        {k: o.params[k] - params[k] for k in params}, sizes[r.client_id]))
+        return out, sizes
+
+    flow.compression.apply = spy
+    ctx.batch_hooks.append(lambda batch, params, round: merged.append(batch) or batch)
+    for round in range(1, rounds + 1):
+        flow.step(round)
+    return ctx, flow, uploads, merged
+
+
+@pytest.mark.parametrize("algorithm", sorted(ASYNC))
+@pytest.mark.parametrize("cfg", [{"name": "top_k", "ratio": 0.05}, {"name": "sign"}], ids=["top_k", "sign"])
+def test_event_driven_servers_charge_each_upload_its_compressed_size_and_merge_what_arrived(algorithm, cfg):
+    """The ledger: every client sent exactly (its finished jobs) x the compressed size, the server
+    received their sum and sent full models. The merges: each update row is a compressed message
+    (top-k: k nonzero coordinates; sign: one magnitude per tensor), the one its client sent."""
+    ctx, flow, uploads, merged = _async_run(ASYNC[algorithm], cfg)
+    size = _upload(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"})
+    pending = np.bincount([c for c, _ in flow._pending], minlength=N)
+    arrived = flow.jobs_started - pending
+    assert arrived.sum() >= 2 * N and len(uploads) == arrived.sum()
+    assert (ctx.ledger.sent[:N] == arrived * size).all(), (ctx.ledger.sent[:N], arrived)
+    assert ctx.ledger.received[-1] == arrived.sum() * size
+    assert ctx.ledger.sent[-1] == flow.jobs_started.sum() * MODEL_BYTES
+    sent = {(c, tuple(float(t.abs().sum()) for t in s.values())): s for c, _, s, _ in uploads}
+    rows = 0
+    for batch in merged:
+        for i, client in enumerate(batch.client_ids.tolist()):
+            row = {k: t[i] for k, t in batch.params.items()}
+            if algorithm == "fedasync":  # merges w - w_c: the update plus the drift since the job began
+                continue
+            # w_start - w_end as the server rebuilt it: the negation of the message
+            match = sent[(client, tuple(float(t.abs().sum()) for t in row.values()))]
+            assert all(torch.equal(row[k], -match[k]) for k in row)
+            if cfg["name"] == "top_k":
+                assert sum(int((t != 0).sum()) for t in row.values()) == round(0.05 * D)
+            else:
+                # one magnitude per tensor (the server's w_start + c rounds it in the last bits)
+                assert all(torch.allclose(t.abs(), t.abs().max().expand_as(t), rtol=1e-4, atol=0) for t in row.values())
+            rows += 1
+    assert algorithm == "fedasync" or rows >= N
+    ctx.close()
+
+
+def test_fedbuff_keeps_each_clients_error_memory_across_its_arrivals():
+    """Top-k with error feedback in FedBuff: per client, what it sent over all its arrivals plus
+    its error memory now is the sum of its true updates (nothing dropped is lost, nothing is
+    mixed up between clients), for clients with several arrivals."""
+    cfg = {"name": "top_k", "ratio": 0.02, "error_feedback": True}
+    ctx, flow, uploads, _ = _async_run(ASYNC["fedbuff"], cfg, rounds=4)
+    memory = flow.compression.memory.states
+    assert sorted(memory) == sorted({c for c, *_ in uploads})
+    repeated = [c for c in memory if sum(1 for u in uploads if u[0] == c) >= 2]
+    assert len(repeated) >= N // 2
+    for client in memory:
+        mine = [u for u in uploads if u[0] == client]
+        for name in memory[client]:
+            truth = sum(u[1][name] for u in mine)
+            sent = sum(u[2][name] for u in mine)
+            assert torch.allclose(sent + memory[client][name], truth, atol=1e-5), (client, name)
+            assert float(memory[client][name].abs().sum()) > 0
+    ctx.close()
+
+
+@pytest.mark.parametrize("algorithm", sorted(ASYNC))
+def test_event_driven_servers_accept_compression_and_change_their_runs(tmp_path, algorithm):
+    """No longer refused: a real run completes, and its uploads, and so its curve, differ from
+    the uncompressed run's."""
+    plain = fedsim.run(scenario(ASYNC[algorithm]), out=tmp_path / "p", progress=False)
+    packed = fedsim.run(scenario(ASYNC[algorithm], compression={"name": "sign"}), out=tmp_path / "c", progress=False)
+    assert packed.summary["total_bytes"] < plain.summary["total_bytes"]
+    assert not np.allclose(packed.metrics["test_loss"], plain.metrics["test_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
 # CHOCO-SGD
 
 
@@ -324,6 +426,13 @@ def test_choco_rescales_qsgd_into_a_contraction():
 ], ids=["dp_fedavg_adaptive", "local_dp_sgd", "top_k_error_feedback", "qsgd"])
 def test_private_and_compressed_runs_resume_to_the_same_curves_and_state(tables):
     check_flow("fedavg", scenario(rounds=4, **copy.deepcopy(tables)), rounds=4, resume_from=2)
+
+
+@pytest.mark.slow
+def test_fedbuff_with_error_feedback_resumes_to_the_same_curves_and_memories():
+    """The error memories (and jobs in flight) survive a checkpoint: same curves, same state."""
+    raw = scenario(ASYNC["fedbuff"], rounds=4, compression={"name": "top_k", "ratio": 0.02, "error_feedback": True})
+    check_flow("fedbuff", raw, rounds=4, resume_from=2)
 
 
 @pytest.mark.slow
