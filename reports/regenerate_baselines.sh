@@ -11,5 +11,5 @@ rm -rf "$R"
 mkdir -p "$R"
 git rev-parse --short HEAD > "$R/commit.txt"   # the fedsim commit the runs ran on (the report names it)
 "$FEDSIM" run scenarios/baselines.toml --rerun --out "$R" --no-progress
-find "$R" \( -name convergence.png -o -name checkpoint.pt \) -delete
+find "$R" \( -name convergence.png -o -name checkpoint.pt -o -name .runs.csv.lock \) -delete
 "$PY" reports/baselines_tables.py
