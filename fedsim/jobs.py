@@ -43,10 +43,22 @@ class JobPool:
         return len(self._waiting) + len(self._done)
 
     def _run_waiting(self) -> None:
+        """One executor call for every waiting job. Jobs that started from the same model (the
+        same tensors: the server's version at the time, or a node's model) share one row of the
+        stacked inputs, so a call carries each distinct model once: between two merges, a
+        hundred FedCompass clients start from one or two versions."""
         keys = list(self._waiting)
-        jobs = [self._waiting[k][0] for k in keys]
-        inputs = stack([self._waiting[k][1] for k in keys])
-        rows = [replace(j, row=i) for i, j in enumerate(jobs)]
+        row_of: dict[tuple[int, ...], int] = {}
+        distinct: list[Params] = []
+        rows = []
+        for k in keys:
+            job, params = self._waiting[k]
+            identity = tuple(id(t) for t in params.values())
+            if identity not in row_of:
+                row_of[identity] = len(distinct)
+                distinct.append(params)
+            rows.append(replace(job, row=row_of[identity]))
+        inputs = stack(distinct)
         for key, result in zip(keys, self.executor.train(inputs, rows)):
             self._done[key] = result
         self._waiting.clear()
