@@ -14,6 +14,12 @@ class Ledger:
         self.sent = np.zeros(num_nodes + 1, dtype=np.int64)
         self.received = np.zeros(num_nodes + 1, dtype=np.int64)
 
+    def transfer_one(self, sender: int, receiver: int, nbytes: int) -> None:
+        """One message between two nodes: the event-driven servers' per-update case, kept to two
+        integer additions."""
+        self.sent[sender] += nbytes
+        self.received[receiver] += nbytes
+
     def transfer(self, sender: int | np.ndarray, receiver: int | np.ndarray, nbytes: int) -> None:
         """One message of `nbytes` from each sender to each receiver (arrays broadcast)."""
         if np.ndim(sender) == 0 and np.size(receiver) == 1:  # one message: the common case, kept cheap
