@@ -56,6 +56,7 @@ def load(sweep: str) -> pd.DataFrame:
         m["rounds"] = sc["rounds"]
         m["clients_per_round"] = sc["algorithm"]["clients_per_round"]
         m["K"] = sc["algorithm"].get("K")
+        m["budget"] = sc["algorithm"].get("budget")
         frames.append(m)
     return pd.concat(frames, ignore_index=True)
 
@@ -140,7 +141,9 @@ def ferret() -> None:
             "upload_coordinates / client / round": coords,
             # FedAvg sends the whole model both ways: half of a client's bytes, 4 bytes a number
             "uploaded numbers / client / round": coords if coords == coords else per_client / 2 / 4,
-            "upload bytes / client / round": 4 * (coords if coords == coords else per_client / 2 / 4),
+            # the adaptive budget sends a 4-byte seed index with each 4-byte coordinate
+            "upload bytes / client / round": (8 if pr["budget"].iloc[0] == "adaptive" else 4)
+            * (coords if coords == coords else per_client / 2 / 4),
             "bytes_sent / rounds / clients per round (up + down)": per_client,
             "total bytes (MB)": la["bytes_sent"].mean() / 1e6,
         }
