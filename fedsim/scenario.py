@@ -284,13 +284,7 @@ def loads(text: str, source: str = "<scenario text>", overrides: list[str] | tup
     """Like `load`, from TOML text (a notebook cell's triple-quoted string)."""
     if len(text) > MAX_SCENARIO_BYTES:
         raise ScenarioError(f"larger than {MAX_SCENARIO_BYTES // 2**20} MiB: not a scenario", file=source)
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"not valid TOML: {exc}", file=source) from None
-    except RecursionError:
-        raise ScenarioError("not a scenario: values nested too deeply to read", file=source) from None
-    _check_depth(raw, source)
+    raw = _parse(text, source)
     return load_raw(raw, source, overrides, plugins=plugins, copy_raw=False, max_runs=max_runs)
 
 
@@ -369,6 +363,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ScenarioError("file not found", file=source) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ScenarioError(f"cannot read the file ({exc.__class__.__name__})", file=source) from None
+    return _parse(text, source)
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
+    """TOML text as a table, or one line saying why it is not a scenario."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
