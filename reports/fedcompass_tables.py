@@ -233,7 +233,7 @@ def replay(folder: Path) -> dict:
             if ctx.clock.now >= budget:
                 break
         now = ctx.clock.now
-        idle = 1.0 - np.minimum(ctx.busy / now, 1.0)
+        idle = 1.0 - np.minimum(ctx.net.busy / now, 1.0)
         jobs = pd.DataFrame(log, columns=["client", "time", "q", "end"])
         # busy time that lies inside [0, now]: a job still running at the end counts only up to now
         inside = (jobs["end"].clip(upper=now) - jobs["time"]).groupby(jobs["client"]).sum()
