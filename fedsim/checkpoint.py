@@ -13,7 +13,6 @@ refused before anything is read.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -196,8 +195,9 @@ def save(path: Path, payload: dict[str, Any], *, scenario: str = "") -> None:
     good checkpoint as it was and raises the OSError. `scenario` is the hash of the scenario the
     run belongs to (see `fedsim.runfolder.scenario_hash`).
     """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    from .paths import commit, replacing
+
+    with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(MAGIC + b" " * _HEADER_BYTES)
             writer = _HashingWriter(f)
@@ -212,16 +212,7 @@ def save(path: Path, payload: dict[str, Any], *, scenario: str = "") -> None:
             f.write(header.encode().ljust(_HEADER_BYTES - 1) + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        expected = len(MAGIC) + _HEADER_BYTES + writer.size
-        if tmp.stat().st_size != expected:
-            raise OSError(errno.EIO, f"short write ({tmp.stat().st_size} of {expected} bytes)", str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+        commit(tmp, path, len(MAGIC) + _HEADER_BYTES + writer.size)
 
 
 def read(path: Path) -> tuple[dict[str, Any], str]:

@@ -137,24 +137,38 @@ def make_out(out: str | Path) -> Path:
     return out
 
 
-def write_atomic(path: Path, data: bytes | str, *, fsync: bool = True) -> None:
-    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one,
-    never half of one: a temporary file beside it, flushed, synced and size-checked, then renamed.
-    The temporary file is removed when anything fails, and the OSError propagates."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write and then `commit`: a reader (or a
+    crash) sees the old file or the new one, never half of one. The temporary file is removed
+    when anything fails, and the error propagates."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        if tmp.stat().st_size != len(payload):
-            raise OSError(errno.EIO, "short write", str(tmp))
-        os.replace(tmp, path)
+        yield tmp
     except BaseException:
         try:
             tmp.unlink()
         except OSError:
             pass
         raise
+
+
+def commit(tmp: Path, path: Path, expected: int) -> None:
+    """Rename the written temporary file over `path`, once it holds all `expected` bytes (a full
+    disk can leave a short file without an error on write)."""
+    size = tmp.stat().st_size
+    if size != expected:
+        raise OSError(errno.EIO, f"short write ({size} of {expected} bytes)", str(tmp))
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, data: bytes | str, *, fsync: bool = True) -> None:
+    """Write `data` to `path` atomically (see `replacing`), flushed and, with `fsync`, synced."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        commit(tmp, path, len(payload))
