@@ -151,26 +151,22 @@ class AsyncServer:
     @staticmethod
     def deltas(arrivals: list[Arrival]) -> Params:
         """The arrivals' updates w_start - w_end, stacked, with the same numbers as one subtraction
-        per client (s - e and -e + s round alike) but less memory traffic: the ends are stacked
-        once and negated in place, and each distinct start model (a merge's clients started from
-        a few versions) is added to its rows without a copy per client. A FedCompass group merges
-        about a hundred updates at a time, and this was the largest part of the server's
+        per client but less memory traffic: the ends are stacked once, and each run of arrivals
+        that started from the same model (a merge's clients started from a few versions, often
+        in runs) is subtracted from that model in place, one call per run. A FedCompass group
+        merges about a hundred updates at a time, and this was the largest part of the server's
         bookkeeping."""
-        rows_of: dict[tuple[int, ...], list[int]] = {}
-        start_of: dict[tuple[int, ...], Params] = {}
-        for i, a in enumerate(arrivals):
-            identity = tuple(id(t) for t in a.start_params.values())  # a version's tensors, shared by its jobs
-            rows_of.setdefault(identity, []).append(i)
-            start_of.setdefault(identity, a.start_params)
+        runs: list[tuple[int, int, Params]] = []  # [first, end) rows that share a start model
+        first = 0
+        for i in range(1, len(arrivals) + 1):
+            if i == len(arrivals) or not _same_tensors(arrivals[i].start_params, arrivals[first].start_params):
+                runs.append((first, i, arrivals[first].start_params))
+                first = i
         out: Params = {}
         for name in arrivals[0].result.params:
-            delta = torch.stack([a.result.params[name] for a in arrivals]).neg_()
-            for identity, rows in rows_of.items():
-                start = start_of[identity][name]
-                if len(rows) == len(arrivals):
-                    delta.add_(start)
-                else:
-                    delta.index_add_(0, torch.as_tensor(rows), start.expand(len(rows), *start.shape))
+            delta = torch.stack([a.result.params[name] for a in arrivals])
+            for a, b, start in runs:
+                torch.sub(start[name], delta[a:b], out=delta[a:b])
             out[name] = delta
         return out
 
@@ -237,3 +233,9 @@ class AsyncServer:
     def evaluate(self) -> dict[str, float]:
         acc, loss = self.ctx.evaluate(self.params)
         return {"test_accuracy": acc, "test_loss": loss}
+
+
+def _same_tensors(a: Params, b: Params) -> bool:
+    """Whether two parameter dicts hold the very same tensors (one model version's start dicts are
+    copies of the version's dict, never of its tensors)."""
+    return a is b or all(x is y for x, y in zip(a.values(), b.values()))

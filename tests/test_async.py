@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedsim.algorithms.fedcompass import Group, assign
-from fedsim.asynchronous import staleness_weight
+from fedsim.asynchronous import Arrival, AsyncServer, staleness_weight
+from fedsim.training import ClientResult
 from fedsim.cli import main
 from fedsim.clock import EventQueue
 from fedsim.coordinator import RunContext, RunOptions
@@ -50,6 +51,26 @@ def test_event_queue_orders_by_time_and_breaks_ties_by_insertion():
     for time, name in [(2.0, "c"), (1.0, "a"), (2.0, "d"), (1.0, "b"), (0.5, "first")]:
         q.push(time, "e", name)
     assert [q.pop().payload for _ in range(5)] == ["first", "a", "b", "c", "d"]
+
+
+def test_deltas_are_start_minus_end_bit_for_bit_with_interleaved_start_models():
+    # a merge's arrivals started from three versions, in runs and alone; every row must be exactly
+    # that client's own w_start - w_end (the in-place, per-run subtraction must not mix rows up)
+    gen = torch.Generator().manual_seed(0)
+    versions = [{"w": torch.randn(4, 3, generator=gen), "b": torch.randn(4, generator=gen)} for _ in range(3)]
+    order = [0, 0, 1, 2, 2, 2, 0, 1, 1, 0]
+    arrivals = []
+    for client, v in enumerate(order):
+        end = {n: torch.randn(t.shape, generator=gen) for n, t in versions[v].items()}
+        start = dict(versions[v])  # a dispatch's copy of the version's dict, sharing its tensors
+        arrivals.append(Arrival(client, ClientResult(client, end, 1, {}), start, v, 1, 0.0))
+    kept = {n: [a.result.params[n].clone() for a in arrivals] for n in ("w", "b")}
+    out = AsyncServer.deltas(arrivals)
+    for n in ("w", "b"):
+        expected = torch.stack([versions[v][n] - e for v, e in zip(order, kept[n])])
+        assert torch.equal(out[n], expected)
+        assert torch.equal(torch.stack([a.result.params[n] for a in arrivals]), torch.stack(kept[n]))  # ends untouched
+    assert all(torch.equal(versions[0][n], arrivals[0].start_params[n]) for n in ("w", "b"))
 
 
 def test_staleness_weight_decreases_with_staleness():
