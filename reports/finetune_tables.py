@@ -2,7 +2,7 @@
 
     .venv/bin/python reports/finetune_tables.py [lora|ferret|all]
 
-Reads reports/runs/{lora_fair,ferret,ferret_k,ferret_k/K5000}/runs.csv and each run's metrics.csv and
+Reads reports/runs/{lora_fair,lora_fair_drift,ferret,ferret_k,ferret_k/K5000}/runs.csv and each run's metrics.csv and
 summary.json. Means and stds are over seeds (std with ddof = 1; n = 1 prints std as 0).
 """
 
@@ -86,8 +86,8 @@ def final_table(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     return out.reindex([c for c in order if c in out.index])
 
 
-def lora() -> None:
-    df = load("lora_fair")
+def lora(sweep: str = "lora_fair") -> None:
+    df = load(sweep)
     order = ["fedit", "ffa_lora", "flexlora", "lora_fair", "lora_fair_lam0"]
     print("### Final accuracy (round 30), mean ± std over 3 seeds\n")
     print(md(final_table(df, order)))
@@ -177,6 +177,10 @@ if __name__ == "__main__":
         print("## LoRA-FAIR tables\n")
         lora()
         print()
+        if (RUNS / "lora_fair_drift" / "runs.csv").exists():
+            print("## LoRA-FAIR tables, clients drifting further (lora_fair_drift)\n")
+            lora("lora_fair_drift")
+            print()
     if what in ("ferret", "all"):
         print("## Ferret tables\n")
         ferret()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 SWEEP = Path(__file__).parent / "runs" / "modest"
-ORDER = ["modest", "fedavg", "dpsgd", "gossip", "modest-crash80"]
+ORDER = ["modest", "modest-equal", "modest-fastest", "fedavg", "dpsgd", "gossip", "modest-crash80"]
 
 
 def load() -> pd.DataFrame:
@@ -54,7 +54,8 @@ def reached(values: list, fmt: str) -> str:
 def efficiency(runs: pd.DataFrame) -> dict[str, float | None]:
     target = runs["summary"].iloc[0]["target_accuracy"]
     seeds = sorted(runs["seed"].unique())
-    print(f"### Per case: mean over seeds {list(map(int, seeds))} (target accuracy {target})\n")
+    print(f"### Per case: mean over the case's finished seeds (seeds {list(map(int, seeds))}; runs = how many) "
+          f"(target accuracy {target})\n")
     print("| case | runs | MB to target | sim s to target | round to target | final acc | best acc | total MB "
           "| max MB per node | Gini of bytes per node | sim s total |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 mkdir -p reports/runs
 log=reports/runs/timings.txt
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)'), $(date -u +%F)" > "$log"
-for script in regenerate.sh regenerate_fedcompass.sh regenerate_modest.sh regenerate_finetune.sh regenerate_baselines.sh; do
+for script in regenerate.sh regenerate_dfedsam_cnn.sh regenerate_fedcompass.sh regenerate_modest.sh regenerate_finetune.sh \
+    regenerate_baselines.sh regenerate_robustness.sh regenerate_privacy.sh regenerate_compression.sh; do
   start=$(date +%s)
   bash "reports/$script"
   echo "$script: $(( $(date +%s) - start )) s" | tee -a "$log"

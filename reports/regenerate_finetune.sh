@@ -21,6 +21,14 @@ $FEDSIM plot $R/lora_fair-case=lora_fair-seed=* $R/lora_fair-case=lora_fair_lam0
 $FEDSIM plot $R/lora_fair-case=lora_fair-seed=* $R/lora_fair-case=lora_fair_lam0-seed=* \
     --by cases --metric delta_b_norm --title "||dB||_F per round (sum over layers)" -o reports/figures/lora_fair_delta_b_norm.png
 
+# LoRA-FAIR where clients drift further (verdict 1's scale check): 10 clients a round, Dirichlet(0.1),
+# 100 local steps; FFA-LoRA left out. 12 runs, about 5 min.
+rm -rf reports/runs/lora_fair_drift
+$FEDSIM run scenarios/lora_fair.toml --rerun --out reports/runs/lora_fair_drift --no-progress \
+    --set data.alpha=0.1 --set algorithm.local_steps=100 --set algorithm.clients_per_round=10 \
+    --set 'sweep.cases=[{ label = "fedit", algorithm = { name = "fedit" } }, { label = "flexlora", algorithm = { name = "flexlora" } }, { label = "lora_fair", algorithm = { name = "lora_fair", lam = 0.01 } }, { label = "lora_fair_lam0", algorithm = { name = "lora_fair", lam = 0.0 } }]'
+find reports/runs/lora_fair reports/runs/lora_fair_drift -name convergence.png -delete
+
 # --- Ferret ----------------------------------------------------------------------------------------
 rm -rf reports/runs/ferret reports/runs/ferret_k
 $FEDSIM run scenarios/ferret.toml --rerun --out reports/runs/ferret --no-progress

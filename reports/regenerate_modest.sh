@@ -7,7 +7,7 @@ R=reports/runs/modest
 F=reports/figures
 mkdir -p "$F"
 
-# 1. the 10 runs (5 cases x 2 seeds), full scenario, no reduction; about 17 min on 2 shared cores
+# 1. the 14 runs (7 cases x 2 seeds), full scenario, no reduction; about 25 min on 2 shared cores
 "$FEDSIM" run scenarios/modest.toml --rerun --out $R --no-progress
 find $R \( -name convergence.png -o -name checkpoint.pt \) -delete   # keep metrics.csv, summary.json, scenario.toml, runs.csv
 

@@ -1,7 +1,7 @@
 """Markdown tables and figures for reports/robustness.md.
 
 Reads every finished run listed in the runs.csv files under reports/runs/robustness (server/,
-graph/ring/, graph/random_regular/) and prints, per setting, the final test accuracy of each merge
+graph/ring/, graph/random_regular/, alie/) and prints, per setting, the final test accuracy of each merge
 rule under each attack and attacker fraction (fraction 0 is the clean run, shared by all attacks).
 Draws final accuracy against the attacker fraction, one panel per attack, one line per rule, to
 reports/figures/robustness_server.png and robustness_graph.png.
@@ -59,6 +59,37 @@ def table(df: pd.DataFrame, setting: str) -> str:
     return "\n".join(lines)
 
 
+def alie_table(folder: Path) -> str | None:
+    """ALIE with 50 clients per merge (runs/robustness/alie): final accuracy per rule and attacker
+    fraction, mean and range over the seeds."""
+    index = folder / "alie" / "runs.csv"
+    if not index.is_file():
+        return None
+    rows = []
+    for _, entry in pd.read_csv(index).iterrows():
+        run = folder / "alie" / entry["run_dir"]
+        if (run / "summary.json").is_file():
+            rows.append({"rule": entry["cases"], "fraction": float(entry["adversary.fraction"]), "seed": int(entry["seed"]),
+                         "final": json.loads((run / "summary.json").read_text())["final_accuracy"]})
+    df = pd.DataFrame(rows)
+    fractions = sorted(df.fraction.unique())
+    seeds = sorted(int(x) for x in df.seed.unique())
+    head = ["rule"] + [("clean" if f == 0 else f"ALIE {round(f * 100)}%") for f in fractions] + \
+        [f"drop at {round(f * 100)}%" for f in fractions if f > 0]
+    lines = [f"{len(df)} runs, seeds {seeds}: mean final accuracy (min-max over seeds)\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rule in [r for r in RULES if r in set(df.rule)]:
+        mine = df[df.rule == rule]
+        means = {f: mine[mine.fraction == f]["final"].mean() for f in fractions}
+        cells = [rule]
+        for f in fractions:
+            g = mine[mine.fraction == f]["final"]
+            cells.append(f"{g.mean():.3f} ({g.min():.3f}-{g.max():.3f})")
+        cells += [f"{means[0.0] - means[f]:+.3f}" for f in fractions if f > 0]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figure(df: pd.DataFrame, settings: list[str], path: Path) -> None:
     import matplotlib
 
@@ -94,6 +125,10 @@ def main() -> None:
         if (df.setting == setting).any():
             print(f"\n### {SETTINGS[setting]}: final test accuracy ({(df.setting == setting).sum()} runs)\n")
             print(table(df, setting))
+    alie = alie_table(args.runs)
+    if alie is not None:
+        print("\n### ALIE, 50 clients per merge (Server, FedAvg, IID)\n")
+        print(alie)
     if (df.setting == "server").any():
         figure(df, ["server"], FIGURES / "robustness_server.png")
     graphs = [s for s in SETTINGS if s.startswith("graph") and (df.setting == s).any()]

@@ -1,7 +1,7 @@
 """Markdown tables for reports/dfedsam.md and reports/gossip_vc.md.
 
-Reads every run listed in reports/runs/{dfedsam,gossip_vc}/runs.csv (each run's metrics.csv and
-scenario.toml) and prints the tables. Usage: python reports/tables.py [dfedsam|gossip|rho|all] [--target 0.6 ...]
+Reads every run listed in reports/runs/{dfedsam,dfedsam_cnn,gossip_vc,gossip_vc_paper}/runs.csv (each run's metrics.csv and
+scenario.toml) and prints the tables. Usage: python reports/tables.py [dfedsam|dfedsam_cnn|gossip|rho|all] [--target 0.6 ...]
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ def load(sweep: str) -> pd.DataFrame:
     rows = []
     for run_dir in index["run_dir"]:
         folder = RUNS / sweep / run_dir
+        if not (folder / "summary.json").is_file():
+            continue  # a point the sweep has not finished (or was narrowed to skip)
         s = tomllib.loads((folder / "scenario.toml").read_text())
         topo = s["topology"]
         rows.append({
             "run": run_dir,
             "algorithm": s["algorithm"]["name"],
-            "merge": s["algorithm"].get("merge"),
+            # variance correction has two readings (docs/conventions.md): label the paper-era one apart
+            "merge": s["algorithm"].get("merge") + ("/paper" if s["algorithm"].get("correction") == "paper" else "")
+            if s["algorithm"].get("merge") else None,
             "topology": topo["name"] + (f"(d={topo['degree']})" if "degree" in topo else ""),
             "num_clients": s["data"]["num_clients"],
             "seed": s["seed"],
@@ -43,8 +47,8 @@ def pm(values: pd.Series, digits: int = 3) -> str:
     return f"{values.mean():.{digits}f}"
 
 
-def dfedsam_tables() -> None:
-    runs = load("dfedsam")
+def dfedsam_tables(sweep: str = "dfedsam") -> None:
+    runs = load(sweep)
     runs["final_acc"] = runs["metrics"].map(lambda m: m["test_accuracy"].iloc[-1])
     runs["best_acc"] = runs["metrics"].map(lambda m: m["test_accuracy"].max())
     runs["final_min_node"] = runs["metrics"].map(lambda m: m["min_node_accuracy"].iloc[-1])
@@ -52,19 +56,23 @@ def dfedsam_tables() -> None:
     runs["final_consensus"] = runs["metrics"].map(lambda m: m["consensus_distance"].iloc[-1])
     runs["sim_time"] = runs["metrics"].map(lambda m: m["sim_time"].iloc[-1])
     runs["gb_sent"] = runs["metrics"].map(lambda m: m["bytes_sent"].iloc[-1] / 1e9)
+    # how flat the curve is at the end: node-accuracy gain over the last quarter of the rounds
+    runs["late_gain"] = runs["metrics"].map(
+        lambda m: m["test_accuracy"].iloc[-1] - m["test_accuracy"][m["round"] <= 0.75 * m["round"].iloc[-1]].iloc[-1])
     rounds = int(runs["metrics"].iloc[0]["round"].iloc[-1])
     seeds = sorted(int(x) for x in runs["seed"].unique())
-    print(f"### DFedSAM sweep: after {rounds} rounds, mean ± std over seeds {seeds}\n")
+    print(f"### {sweep} sweep: after {rounds} rounds, mean ± std over seeds {seeds}\n")
     print("| algorithm | topology | final node acc | best node acc | final worst node | final avg-model acc "
-          "| final consensus dist | sim s | GB sent |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| final consensus dist | gain, last quarter | sim s | GB sent |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for topo in TOPOLOGIES:
         for alg in ALGORITHMS:
             g = runs[(runs["algorithm"] == alg) & (runs["topology"] == topo)]
             if g.empty:
                 continue
             print(f"| {alg} | {topo} | {pm(g['final_acc'])} | {pm(g['best_acc'])} | {pm(g['final_min_node'])} "
-                  f"| {pm(g['final_avg_model'])} | {pm(g['final_consensus'], 4)} | {g['sim_time'].mean():.1f} "
+                  f"| {pm(g['final_avg_model'])} | {pm(g['final_consensus'], 4)} | {pm(g['late_gain'])} "
+                  f"| {g['sim_time'].mean():.1f} "
                   f"| {g['gb_sent'].mean():.2f} |")
     print()
     # compact pivot: final mean node accuracy, algorithm x topology
@@ -112,6 +120,12 @@ def first_reach(m: pd.DataFrame, target: float) -> tuple[float, float]:
 
 def gossip_tables(targets: list[float]) -> None:
     runs = load("gossip_vc")
+    if (RUNS / "gossip_vc_paper" / "runs.csv").is_file():  # variance correction, the paper-era reading
+        runs = pd.concat([runs, load("gossip_vc_paper")], ignore_index=True)
+    # compare like with like: only the seeds that every (topology, nodes, merge) group has
+    groups = runs.groupby(["topology", "num_clients", "merge"])["seed"].apply(set)
+    common = set.intersection(*groups) if len(groups) else set()
+    runs = runs[runs["seed"].isin(common)]
     runs["final_acc"] = runs["metrics"].map(lambda m: m["test_accuracy"].iloc[-1])
     runs["final_avg_model"] = runs["metrics"].map(lambda m: m["avg_model_accuracy"].iloc[-1])
     runs["var_start"] = runs["metrics"].map(lambda m: m["weight_variance"].iloc[0])
@@ -145,32 +159,37 @@ def gossip_tables(targets: list[float]) -> None:
               + f" | {g['final_acc'].mean():.3f} | {g['final_avg_model'].mean():.3f} "
               f"| {g['var_start'].mean():.2e} | {g['var_min'].mean():.2e} | {g['var_end'].mean():.2e} |")
     print()
-    # speed-up of VC over plain averaging for the first target that both reach
-    print("### Time-to-target ratio, plain average / variance-corrected (mean over seeds)\n")
-    print("| topology | nodes | " + " | ".join(f"ratio at {t:.0%}" for t in targets) + " |")
-    print("|---|---|" + "---|" * len(targets))
-    for (topo, n), g in runs.groupby(["topology", "num_clients"], sort=True):
-        cells = []
-        for t in targets:
-            avg = g[g["merge"] == "average"][f"t@{t}"]
-            vc = g[g["merge"] == "variance_corrected"][f"t@{t}"]
-            if avg.notna().all() and vc.notna().all():
-                cells.append(f"{avg.mean() / vc.mean():.2f}x")
-            elif vc.notna().all():
-                cells.append("plain not reached")
-            else:
-                cells.append("n/a")
-        print(f"| {topo} | {n} | " + " | ".join(cells) + " |")
-    print()
+    # speed-up of each VC reading over plain averaging, per target
+    for vc_label in sorted(m for m in runs["merge"].unique() if m.startswith("variance_corrected")):
+        print(f"### Time-to-target ratio, plain average / {vc_label} (mean over seeds)\n")
+        print("| topology | nodes | " + " | ".join(f"ratio at {t:.0%}" for t in targets) + " |")
+        print("|---|---|" + "---|" * len(targets))
+        for (topo, n), g in runs.groupby(["topology", "num_clients"], sort=True):
+            cells = []
+            for t in targets:
+                avg = g[g["merge"] == "average"][f"t@{t}"]
+                vc = g[g["merge"] == vc_label][f"t@{t}"]
+                if vc.empty:
+                    cells.append("n/a")
+                elif avg.notna().all() and vc.notna().all():
+                    cells.append(f"{avg.mean() / vc.mean():.2f}x")
+                elif vc.notna().all():
+                    cells.append("plain not reached")
+                else:
+                    cells.append("n/a")
+            print(f"| {topo} | {n} | " + " | ".join(cells) + " |")
+        print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", nargs="?", choices=["dfedsam", "rho", "gossip", "all"], default="all")
+    parser.add_argument("which", nargs="?", choices=["dfedsam", "dfedsam_cnn", "rho", "gossip", "all"], default="all")
     parser.add_argument("--target", type=float, action="append", help="gossip target accuracy (repeatable)")
     args = parser.parse_args()
     if args.which in ("dfedsam", "all"):
         dfedsam_tables()
+    if args.which in ("dfedsam_cnn", "all") and (RUNS / "dfedsam_cnn" / "runs.csv").is_file():
+        dfedsam_tables("dfedsam_cnn")
     if args.which in ("dfedsam", "rho", "all"):
         rho_table()
     if args.which in ("gossip", "all"):
