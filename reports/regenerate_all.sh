@@ -3,8 +3,9 @@
 # Run from the repository root. Each report's own script says what it runs; this one runs them in
 # turn, records the commit they ran on and the wall time of each in reports/runs/timings.txt.
 # The markdown reports embed the tables the scripts print: paste them in where the numbers moved.
-# Expect 3-4 hours of wall time on 2 cores (see each script's header); run one script alone to
-# refresh a single report.
+# Expect about 5 hours of wall time on 2 cores: the scripts' measured times add up to 4.9 hours
+# (2026-11-30, several of them on a machine shared with other report jobs; see each report's header).
+# Run one script alone to refresh a single report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p reports/runs
