@@ -22,7 +22,7 @@ from .checkpoint import checkpointable
 from .events import EventLoop
 from .jobs import JobPool
 from .ledger import SERVER
-from .params import Params, UpdateBatch, clone, num_bytes, stack
+from .params import Params, UpdateBatch, clone, identity, num_bytes, stack
 from .training import ClientResult, LocalSGDConfig, SGDTrainer, TrainJob
 
 if TYPE_CHECKING:
@@ -157,9 +157,10 @@ class AsyncServer:
         merges about a hundred updates at a time, and this was the largest part of the server's
         bookkeeping."""
         runs: list[tuple[int, int, Params]] = []  # [first, end) rows that share a start model
+        keys = [identity(a.start_params) for a in arrivals]
         first = 0
         for i in range(1, len(arrivals) + 1):
-            if i == len(arrivals) or not _same_tensors(arrivals[i].start_params, arrivals[first].start_params):
+            if i == len(arrivals) or keys[i] != keys[first]:
                 runs.append((first, i, arrivals[first].start_params))
                 first = i
         out: Params = {}
@@ -234,8 +235,3 @@ class AsyncServer:
         acc, loss = self.ctx.evaluate(self.params)
         return {"test_accuracy": acc, "test_loss": loss}
 
-
-def _same_tensors(a: Params, b: Params) -> bool:
-    """Whether two parameter dicts hold the very same tensors (one model version's start dicts are
-    copies of the version's dict, never of its tensors)."""
-    return a is b or all(x is y for x, y in zip(a.values(), b.values()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Hashable
 
 from .executor import Executor
-from .params import Params, stack
+from .params import Params, identity, stack
 from .training import ClientResult, TrainJob
 
 
@@ -52,13 +52,13 @@ class JobPool:
         rows = []
         for k in keys:
             job, params = self._waiting[k]
-            identity = tuple(id(t) for t in params.values())
-            if identity not in row_of:
-                row_of[identity] = len(distinct)
+            model = identity(params)
+            if model not in row_of:
+                row_of[model] = len(distinct)
                 distinct.append(params)
             # built directly: dataclasses.replace cost a tenth of the per-update bookkeeping
             # (tests/test_jobs.py checks that every other field survives)
-            rows.append(TrainJob(job.client_id, job.round, row_of[identity], job.steps, job.inputs, job.state))
+            rows.append(TrainJob(job.client_id, job.round, row_of[model], job.steps, job.inputs, job.state))
         inputs = stack(distinct)
         for key, result in zip(keys, self.executor.train(inputs, rows)):
             self._done[key] = result

@@ -23,8 +23,7 @@ class Ledger:
     def transfer(self, sender: int | np.ndarray, receiver: int | np.ndarray, nbytes: int) -> None:
         """One message of `nbytes` from each sender to each receiver (arrays broadcast)."""
         if np.ndim(sender) == 0 and np.size(receiver) == 1:  # one message: the common case, kept cheap
-            self.sent[int(sender)] += nbytes
-            self.received[int(np.asarray(receiver).reshape(()))] += nbytes
+            self.transfer_one(int(sender), int(np.asarray(receiver).reshape(())), nbytes)
             return
         senders, receivers = np.broadcast_arrays(np.asarray(sender), np.asarray(receiver))
         np.add.at(self.sent, senders.ravel(), nbytes)

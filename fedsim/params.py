@@ -67,6 +67,13 @@ def stack(items: list[Params]) -> Params:
     return {name: torch.stack([p[name] for p in items]) for name in items[0]}
 
 
+def identity(params: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """Which tensors a parameter dict holds, as a hashable key: two dicts with the same key are the
+    same model (a version's dict copied per job shares its tensors), whatever the dicts' own ids.
+    Valid while both dicts are alive, as ids are."""
+    return tuple(id(t) for t in params.values())
+
+
 def unstack(stacked: Params, index: int) -> Params:
     return {name: t[index] for name, t in stacked.items()}
 
