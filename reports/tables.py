@@ -27,12 +27,13 @@ def load(sweep: str) -> pd.DataFrame:
             continue  # a point the sweep has not finished (or was narrowed to skip)
         s = tomllib.loads((folder / "scenario.toml").read_text())
         topo = s["topology"]
+        merge = s["algorithm"].get("merge")
+        if merge and s["algorithm"].get("correction") == "paper":  # variance correction's paper-era reading
+            merge += "/paper"
         rows.append({
             "run": run_dir,
             "algorithm": s["algorithm"]["name"],
-            # variance correction has two readings (docs/conventions.md): label the paper-era one apart
-            "merge": s["algorithm"].get("merge") + ("/paper" if s["algorithm"].get("correction") == "paper" else "")
-            if s["algorithm"].get("merge") else None,
+            "merge": merge,
             "topology": topo["name"] + (f"(d={topo['degree']})" if "degree" in topo else ""),
             "num_clients": s["data"]["num_clients"],
             "seed": s["seed"],
