@@ -62,6 +62,35 @@ def test_vectorised_rows_of_a_stacked_set_and_chunking_do_not_change_results(nam
                 assert torch.equal(a.params[k], b.params[k])
 
 
+def test_a_cnn_trains_vectorised_with_vmap_like_one_after_another_and_within_1e5_across_chunkings():
+    # vmap turns each convolution into one grouped convolution whose kernel depends on how many
+    # clients share the chunk: the last bits may move with the chunking (README, Scale), no more
+    from fedsim.data.base import FederatedData
+
+    rng = np.random.default_rng(0)
+    sizes = [40, 24, 40, 33, 40, 17]
+    n = sum(sizes)
+    data = FederatedData(x=rng.random((n, 1, 12, 12), dtype=np.float32), y=rng.integers(0, 10, n),
+                         offsets=np.concatenate([[0], np.cumsum(sizes)]), x_test=np.zeros((1, 1, 12, 12), np.float32),
+                         y_test=np.zeros(1, np.int64), num_classes=10)
+    options = {"channels": [4, 8], "hidden": 16}
+    spec = WorkerSpec("cnn", options, (1, 12, 12), 10, 0, SGDTrainer(lr=0.1, batch_size=8, momentum=0.9))
+    model = build_model("cnn", options, (1, 12, 12), 10, 0)
+    stacked = {k: torch.stack([v + 0.01 * i for i in range(len(sizes))]) for k, v in get_params(model).items()}
+    jobs = [TrainJob(c, round=1, row=c) for c in range(len(sizes))]
+    sequential = Worker(data, replace(spec, vectorize=False)).run(to_numpy(stacked), jobs)
+    chunked = []
+    for size in (1, 4, 6):
+        worker = Worker(data, replace(spec, vectorize=True, chunk_size=size))
+        assert worker.vectorize and worker.engine == "vmap"
+        chunked.append(worker.run(to_numpy(stacked), jobs))
+    for results in chunked:
+        for a, b in zip(sequential, results):
+            assert a.steps == b.steps
+            for k in a.params:
+                assert (a.params[k] - b.params[k]).norm() <= 1e-5 * a.params[k].norm(), k
+
+
 def test_a_model_with_buffers_falls_back_to_sequential():
     data = build_federated_data(DATA, seed=0)
     worker = Worker(data, WorkerSpec("mlp", {"hidden": [8]}, data.feature_shape, 10, 0, TRAINERS["sgd"], vectorize=True))
