@@ -34,7 +34,7 @@ from .failures import FailureModel
 from .history import History
 from .ledger import Ledger
 from .models import build_model
-from .network import Network
+from .network import QUEUE_WARNING, Network
 from .params import Params, UpdateBatch
 from .plotting import plot_run
 from .progress import Progress
@@ -498,6 +498,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                 bar = Progress(spec.run_name, s.rounds, first - 1, enabled=options.progress, position=options.position)
                 frozen_since = None  # the first round of the current run of rounds the clock did not move in
                 pending = _Pending(history, bar)  # an evaluation overlapping the next round's training
+                queue_said = ctx.net.longest_queue[0] >= QUEUE_WARNING  # (a resumed run said it before)
                 with bar, pending:
                     for r in range(first, s.rounds + 1):
                         before = ctx.clock.now
@@ -505,6 +506,9 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
                             train_metrics = flow.step(r)
                         finally:
                             pending.finish()  # the previous round's row goes first, as without overlap
+                        if not queue_said and ctx.net.longest_queue[0] >= QUEUE_WARNING:
+                            queue_said = True
+                            (report or _stderr)(_queue_line(ctx.net.longest_queue, r))
                         frozen_since = (frozen_since or r) if ctx.clock.now == before else None
                         # a clock that never moved (a flow that does not simulate time) is not a stall
                         stalled = frozen_since is not None and r - frozen_since + 1 >= STALL_ROUNDS and ctx.clock.now > 0
@@ -642,6 +646,22 @@ def _stderr(line: str) -> None:
     print(f"fedsim: {line}", file=sys.stderr)
 
 
+def _queue_line(queue: np.ndarray, r: int) -> str:
+    copies, node, at, waited = queue
+    return (f"uplinks saturated by round {r}: a message of node {int(node)} found {int(copies)} copies queued ahead "
+            f"of it at {at:.4g} s simulated and waited {waited:.4g} s; the method sends faster than the links "
+            "carry, so its messages arrive ever later and each waiting copy holds a model in memory (more "
+            "bandwidth, or sending less often, avoids it; summary.json: uplink_queue)")
+
+
+def uplink_queue(queue: np.ndarray) -> dict[str, Any]:
+    """summary.json's account of the longest uplink queue a message met (see fedsim.network)."""
+    copies, node, at, waited = queue
+    if copies == 0:
+        return {"copies": 0, "node": None, "sim_time": None, "waited_s": 0.0}
+    return {"copies": round(float(copies), 1), "node": int(node), "sim_time": float(at), "waited_s": float(waited)}
+
+
 @dataclass
 class _RowStart:
     """What a metrics row records of the moment its round ended, taken before the next round
@@ -764,6 +784,7 @@ def write_summary(
         **(ctx.failures.summary() if ctx.failures.active else {}),
         **heterogeneity(ctx.data, ctx.seed),
         "training": ctx.training_paths,  # vectorised or one after another, and why, per executor
+        "uplink_queue": uplink_queue(ctx.net.longest_queue),
     }
     if ctx.spec.scenario.adversary is not None:
         summary["attackers"] = [int(c) for c in ctx.attackers]

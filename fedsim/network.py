@@ -19,6 +19,12 @@ set of rules for every method, stated once:
   never from the order in which the simulation happens to ask.
 - A node that is down neither sends nor receives; liveness is asked of the failure model by time
   (event-driven methods) or round (round-based methods).
+
+A flow that sends faster than a node's uplink carries builds a queue there that nothing bounds:
+its messages arrive ever later, and each copy still waiting holds a model in the flow's event
+queue. The network cannot know whether the flow meant that, so it only measures it: the most
+copies any message found ahead of it on its sender's uplink (`longest_queue`), which the
+coordinator reports once it passes `QUEUE_WARNING` and records in summary.json.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ from .seeding import generator
 from .system import SystemModel
 
 
+QUEUE_WARNING = 100  # copies queued on one uplink: a hundred models held, and as many late arrivals
+
+
 class Network:
     """Moves messages between nodes 0..n-1 and the server (-1); see the module's rules."""
 
-    STATE = ("busy", "uplink_free")
+    STATE = ("busy", "uplink_free", "longest_queue")
 
     def __init__(self, system: SystemModel, failures: FailureModel, ledger: Ledger, seed: int):
         self.system = system
@@ -46,6 +55,9 @@ class Network:
         n = len(system.step_time)
         self.busy = np.zeros(n)  # simulated seconds each node spent computing or transmitting
         self.uplink_free = np.zeros(n)  # when each node's uplink has sent everything queued on it
+        # the most copies a message found queued ahead of it on its sender's uplink: (copies,
+        # node, simulated time, seconds it waited); zeros while no message ever waited
+        self.longest_queue = np.zeros(4)
 
     # --- liveness ------------------------------------------------------------------------
 
@@ -115,6 +127,8 @@ class Network:
             return [(r, at + self.system.transfer_time(r, nbytes)) for r in receivers if r in reached]
         per_copy = nbytes / float(self.system.bandwidth[sender])
         start = max(at, float(self.uplink_free[sender]))
+        if start > at and (start - at) / per_copy > self.longest_queue[0]:
+            self.longest_queue[:] = ((start - at) / per_copy, sender, at, start - at)
         latency = float(self.system.latency[sender])
         self.uplink_free[sender] = start + len(receivers) * per_copy
         self.busy[sender] += len(receivers) * per_copy
@@ -156,11 +170,13 @@ class Network:
         return seconds
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"busy": self.busy, "uplink_free": self.uplink_free, "sent": self.ledger.sent,
-                "received": self.ledger.received}
+        return {"busy": self.busy, "uplink_free": self.uplink_free, "longest_queue": self.longest_queue,
+                "sent": self.ledger.sent, "received": self.ledger.received}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.busy[:] = state["busy"]
         self.uplink_free[:] = state["uplink_free"]
+        if "longest_queue" in state:  # (checkpoints written before it was measured have none)
+            self.longest_queue[:] = state["longest_queue"]
         self.ledger.sent[:] = state["sent"]
         self.ledger.received[:] = state["received"]

@@ -138,10 +138,34 @@ def test_copies_leave_one_after_another_over_the_senders_uplink(tmp_path):
     ctx = RunContext(load(path)[0], RunOptions(executor="inline"))
     arrivals = ctx.net.send(0, [1, 2, 3], 1_000_000, at=5.0, purpose="test")
     assert [round(t, 6) for _, t in arrivals] == [6.01, 7.01, 8.01]  # 1 s per copy, then 10 ms
+    assert not ctx.net.longest_queue.any()  # the uplink was free: nothing waited
     later = ctx.net.send(0, [4], 1_000_000, at=6.0, purpose="test")  # queued behind the first three
     assert round(later[0][1], 6) == 9.01
     assert ctx.net.busy[0] == pytest.approx(4.0)
+    # two copies were still ahead of it (the second and third, until 8 s): measured, node and time
+    assert ctx.net.longest_queue.tolist() == pytest.approx([2.0, 0, 6.0, 2.0])
+    ctx.net.send(1, [2], 1_000_000, at=0.0, purpose="test")  # a shorter queue elsewhere changes nothing
+    saved = {k: v.copy() for k, v in ctx.net.state().items()}
     ctx.close()
+    again = RunContext(load(path)[0], RunOptions(executor="inline"))
+    again.net.load_state(saved)  # a checkpoint keeps it
+    assert again.net.longest_queue.tolist() == pytest.approx([2.0, 0, 6.0, 2.0])
+    again.close()
+
+
+def test_a_flow_that_outruns_its_uplinks_is_said_once_and_recorded(tmp_path, capsys):
+    # a node pushes to both ring neighbours after each 0.05 s job; a copy takes 0.15 s at 0.5 Mbps
+    gossip = METHODS["gossip"].replace("rounds = 4", "rounds = 10").replace('name = "gossip"', 'name = "gossip"\nround_seconds = 0.5')
+    slow = gossip.replace("[system]", "[system]\nlink = { bandwidth_mbps = 0.5, latency_ms = 1 }")
+    run_rows(tmp_path, slow, "slow")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "uplinks saturated" in line]
+    summary = json.loads((tmp_path / "slow" / "small" / "summary.json").read_text())
+    assert len(lines) == 1 and f"node {summary['uplink_queue']['node']} found" in lines[0], lines
+    assert summary["uplink_queue"]["copies"] >= 100 and summary["uplink_queue"]["waited_s"] > 0
+    run_rows(tmp_path, gossip, "fast")  # the default links keep up: nothing said, nothing queued
+    assert "uplinks saturated" not in capsys.readouterr().err
+    fast = json.loads((tmp_path / "fast" / "small" / "summary.json").read_text())
+    assert fast["uplink_queue"] == {"copies": 0, "node": None, "sim_time": None, "waited_s": 0.0}
 
 
 def test_a_deadline_that_finds_nobody_leaves_the_model_unchanged(tmp_path):
