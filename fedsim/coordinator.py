@@ -330,7 +330,7 @@ class RunContext:
                 mean_examples=float(np.mean(self.data.num_examples())), num_clients=self.data.num_clients,
             )
             if (o.executor or self.spec.scenario.system.executor) == "auto":
-                print(self._choice.line(), file=sys.stderr)
+                print(f"fedsim: {self._choice.line()}", file=sys.stderr)
         return self._choice
 
     def evaluate(self, params: Params) -> tuple[float, float]:

@@ -62,8 +62,8 @@ def test_explicit_requests_win():
 def test_the_choice_is_printed_in_one_line(write_scenario, tmp_path, capsys):
     path = write_scenario(SMALL.replace('executor = "inline"', ""))  # the default: auto
     assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("executor:")]
-    assert len(lines) == 1 and lines[0].startswith("executor: inline (about 0 s of local training")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedsim: executor:")]
+    assert len(lines) == 1 and lines[0].startswith("fedsim: executor: inline (about 0 s of local training")
 
 
 def test_an_explicit_executor_prints_no_choice(write_scenario, tmp_path, capsys):
