@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    with contextlib.redirect_stdout(sys.stderr):  # whatever a run prints: stdout carries the JSON only
+    with contextlib.redirect_stdout(sys.stderr):  # the training-path line: stdout carries the JSON only
         runs = sorted((once(args.clients, args.rounds) for _ in range(max(1, args.repeats))),
                       key=lambda r: r["bookkeeping_fraction"])
     median = runs[len(runs) // 2]

@@ -28,12 +28,12 @@ from .aggregation import Aggregator, ServerOptimizer, build_aggregator, combine
 from .clock import Clock
 from .data import FederatedData, build_federated_data
 from .data.heterogeneity import heterogeneity
-from .errors import FedsimError, ScenarioError, StalledError
+from .errors import FedsimError, PluginError, ScenarioError, StalledError
 from .executor import Executor, InlineExecutor, RayExecutor, WorkerSpec, local_ray_processes
 from .failures import FailureModel
 from .history import History
 from .ledger import Ledger
-from .models import build_model
+from .models import build_model, check_outputs
 from .network import QUEUE_WARNING, Network
 from .params import Params, UpdateBatch
 from .plotting import plot_run
@@ -82,6 +82,7 @@ class RunContext:
         self.model: nn.Module = _located(
             lambda: build_model(s.model.name, s.model.options(), shape, self.data.num_classes, s.seed), spec, "model"
         )
+        _located(lambda: check_outputs(self.model, s.model.name, self.data.x_test[:1], self.data.num_classes), spec, "model")
         self.init_params: Params = get_params(self.model)
         self.system = SystemModel.from_config(s.system, self.data.num_clients, s.seed)
         self.clock = Clock()
@@ -382,6 +383,18 @@ class RunContext:
         self._executors.clear()
 
 
+def _built_flow(spec: RunSpec, ctx: RunContext) -> Flow:
+    """The algorithm's flow; an exception its build function raises (a plugin's bug) becomes one
+    line naming the algorithm (exit code 1), not a traceback."""
+    try:
+        return spec.algorithm.build(spec.algorithm_config, ctx)
+    except (FedsimError, AssertionError):  # (fedsim.testing.check_flow's verdicts are assertions)
+        raise
+    except Exception as exc:
+        raise PluginError(f"algorithm '{spec.algorithm_config.name}' raised {exc!r} while building its flow",
+                          key="algorithm.name") from exc
+
+
 def _located(build: Any, spec: RunSpec, key: str) -> Any:
     try:
         return build()
@@ -456,7 +469,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, options: RunOptions, resume: bool,
     stalled, frozen_since = False, None
     with torch_threads(s.system.threads_per_worker):
         try:
-            flow: Flow = spec.algorithm.build(spec.algorithm_config, ctx)
+            flow: Flow = _built_flow(spec, ctx)
             if s.checkpoint_every:  # a flow that no checkpoint could save is refused now, not mid-run
                 checkpoint.require_state(flow, spec.algorithm_config.name)
             name = spec.algorithm_config.name

@@ -306,7 +306,7 @@ class InlineExecutor:
         results = self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
         if self.path is None and self.worker.path is not None:
             self.path = self.worker.path
-            print(self.path.line(), file=sys.stderr, flush=True)
+            print(self.path.line(), flush=True)
         return results
 
     def close(self) -> None:
@@ -591,7 +591,7 @@ class RayExecutor:
         payload_ref = ray.put(to_numpy(payload or {}))
         if self.path is None and jobs:
             self.path = self._decide(shared_ref, jobs, payload_ref)
-            print(self.path.line(), file=sys.stderr, flush=True)
+            print(self.path.line(), flush=True)
         vectorize = self.path.vectorize if self.path is not None else None
         results: list[ClientResult | None] = [None] * len(jobs)
         pending = {a: idx for a, idx in enumerate(self._assign(jobs)) if idx}

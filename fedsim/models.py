@@ -13,7 +13,7 @@ import torch
 from pydantic import NonNegativeInt, PositiveInt
 from torch import nn
 
-from .errors import ScenarioError
+from .errors import FedsimError, PluginError, ScenarioError
 from .registry import models, register_model
 
 
@@ -144,6 +144,33 @@ def build_model(name: str, options: dict[str, Any], input_shape: tuple[int, ...]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return factory(tuple(input_shape), num_classes, **options)
+            model = factory(tuple(input_shape), num_classes, **options)
         except ValueError as exc:  # settings that do not fit this model or this data's shape
             raise ScenarioError(f"cannot build model '{name}' for inputs {tuple(input_shape)}: {exc}") from None
+        except FedsimError:
+            raise
+        except Exception as exc:  # a plugin's bug: named in one line, not a traceback
+            raise PluginError(f"model '{name}' raised {exc!r} when built for inputs {tuple(input_shape)}") from exc
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"model '{name}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_outputs(model: nn.Module, name: str, example: Any, num_classes: int) -> None:
+    """Require one logit per class for one example (`example`: a batch of one, as the data holds
+    it). A wrong width would otherwise surface as an index error deep inside the loss or the first
+    evaluation, far from the model that caused it. Run in eval mode, so that batch normalisation
+    neither fails on one example nor updates its statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.as_tensor(example))
+    except Exception as exc:
+        raise PluginError(f"model '{name}' raised {exc!r} on one example of shape {tuple(example.shape[1:])}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise PluginError(f"model '{name}' returned {got} for one example; expected a tensor of shape "
+                          f"(1, {num_classes}): one logit per class")

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import FedsimError, ScenarioError
+from .errors import FedsimError, PluginError, ScenarioError
 
 GiB = 2**30
 
@@ -223,9 +223,11 @@ def _meta_bytes(name: str, options: dict[str, Any], shape: tuple[int, ...], clas
             model = build_model(name, options, shape, classes, seed)
         tensors = list(model.parameters()) + list(model.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
+    except PluginError:  # a plugin that needs real tensors to be built: size unknown (the run will say
+        return None      # what its factory raised, if it raises with them too)
     except FedsimError:
         raise
-    except Exception:  # a plugin that needs real tensors to be built: size unknown
+    except Exception:
         return None
 
 

@@ -115,9 +115,8 @@ def test_a_forced_choice_is_honoured_and_never_measured(flag, cache, monkeypatch
 def test_the_run_prints_and_records_its_choice(write_scenario, tmp_path, cache, capsys):
     path = write_scenario(SMALL)
     assert main(["run", str(path), "--out", str(tmp_path / "auto"), "--no-progress"]) == 0
-    captured = capsys.readouterr()
-    assert "clients train" not in captured.out  # stdout holds results (run folders) only
-    lines = [line for line in captured.err.splitlines() if line.startswith("fedsim: clients train")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("fedsim: clients train")]
     summary = json.loads((tmp_path / "auto" / "small" / "summary.json").read_text())
     (choice,) = summary["training"]
     assert len(lines) == 1 and choice["reason"] in lines[0]
@@ -247,7 +246,7 @@ def test_inline_executor_reports_its_path_once(cache, capsys):
     params = get_params(build_model("mlp", {"hidden": [16]}, data.feature_shape, data.num_classes, 0))
     executor.train(params, [TrainJob(0, 1)])
     executor.train(params, [TrainJob(1, 2)])
-    assert capsys.readouterr().err.count("fedsim: clients train vectorised") == 1 and executor.path.vectorize
+    assert capsys.readouterr().out.count("fedsim: clients train vectorised") == 1 and executor.path.vectorize
 
 
 def test_results_travel_stacked_and_come_back_unchanged():

@@ -23,7 +23,7 @@ import networkx as nx
 import numpy as np
 
 from fedsim import limits
-from fedsim.errors import DataError, TopologyError
+from fedsim.errors import DataError, FedsimError, PluginError, TopologyError
 from fedsim.registry import register_topology, topologies
 
 __all__ = [
@@ -481,7 +481,8 @@ def build(name: str, n: int, /, *, seed: int | None = None, **kwargs: Any) -> nx
     `seed` is forwarded only to factories that take one, so a run can hand its seed to every
     topology without knowing which ones are random. Keyword mistakes are checked against the
     factory's signature before the call, so a scenario typo reads as a list of accepted keys
-    rather than a Python TypeError, and TypeErrors raised inside a factory stay visible as bugs.
+    rather than a Python TypeError; an exception raised inside a factory (a plugin's bug) is
+    reported in one line naming the topology (PluginError, exit code 1).
     """
     factory = topologies.get(name)
     try:
@@ -499,4 +500,10 @@ def build(name: str, n: int, /, *, seed: int | None = None, **kwargs: Any) -> nx
             sig.bind(n, **kwargs)
         except TypeError as exc:
             raise TopologyError(_call_error(name, sig, kwargs, exc)) from None
-    return _check_result(factory(n, **kwargs), name, n)
+    try:
+        graph = factory(n, **kwargs)
+    except FedsimError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"topology '{name}' raised {exc!r} building a graph of {n} nodes") from exc
+    return _check_result(graph, name, n)
