@@ -109,18 +109,17 @@ def run(
     """
     from .coordinator import RunOptions, run_all
     from .executor_choice import check_options
+    from .preflight import require_extras
     from .resources import check
-    from .tracking import check_available
 
     specs = load_specs(scenario, overrides=overrides, plugins=plugins, track=track)
     for spec in specs:
         check_options(spec.scenario.system, executor, workers, address)
         try:
+            require_extras(spec)
             check(spec, force=force)
         except FedsimError as exc:
             raise exc.located(file=spec.source) from None
-        if spec.scenario.tracking is not None:
-            check_available(spec.scenario.tracking.backends)
     options = RunOptions(executor=executor, workers=workers, address=address, progress=progress)
     results = [RunResult.read(d) for d in run_all(specs, out, options)]
     if len(specs) == 1 and not specs[0].swept:

@@ -99,7 +99,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .coordinator import RunOptions, SweepError, resume, resume_sweep, run_all
     from .executor_choice import check_options
     from .scenario import expand, prepare_raw, read_toml
-    from .tracking import check_available
 
     if args.workers is not None and args.workers < 1:
         raise FedsimError("--workers: expected an integer >= 1")
@@ -136,8 +135,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_options(spec.scenario.system, args.executor, args.workers, args.address)
         except FedsimError as exc:
             raise exc.located(file=spec.source) from None
-        if spec.scenario.tracking is not None:
-            check_available(spec.scenario.tracking.backends)
         # the command line's --executor and --workers count in the memory estimate as the scenario's would
         preflight(spec, force=args.force, executor=args.executor, workers=args.workers)
     try:

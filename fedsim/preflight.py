@@ -25,6 +25,7 @@ def preflight(
     while `run` is about to build it anyway.
     """
     try:
+        require_extras(spec)
         info = _data(spec, load_undescribed)
         if info is not None:
             _partition(spec, info)
@@ -36,6 +37,22 @@ def preflight(
         return parts
     except FedsimError as exc:
         raise exc.located(file=spec.source) from None
+
+
+def require_extras(spec: Any) -> None:
+    """The optional packages the scenario's tables need, found before anything runs: a missing one
+    found at the first row would leave a half-made run folder that the next run refuses."""
+    import importlib.util
+
+    from .tracking import check_available
+
+    s = spec.scenario
+    if s.privacy is not None and importlib.util.find_spec("dp_accounting") is None:
+        raise ScenarioError("privacy accounting needs dp-accounting, which this Python environment lacks: "
+                            "pip install 'fedsim[privacy]' with the pip of fedsim's own environment "
+                            "(e.g. .venv/bin/pip)", key="privacy")
+    if s.tracking is not None:
+        check_available(s.tracking.backends)
 
 
 def _data(spec: Any, load_undescribed: bool) -> Any:

@@ -87,3 +87,24 @@ def test_validate_checks_every_sweep_point(write_scenario, capsys) -> None:
     text = text.replace('dataset = "synthetic"', 'dataset = "synthetic"\npartition = "shards"')
     assert main(["validate", str(write_scenario(text))]) == 2
     assert "1200 shards" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_found_before_anything_runs(write_scenario, tmp_path: Path, capsys, monkeypatch) -> None:
+    # [privacy] without dp-accounting used to pass validate, write row 0 and leave a folder that
+    # the next run refused
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dp_accounting" else real(name, *a))
+    path = write_scenario(SMALL + '\n[privacy]\nmode = "server"\nnoise_multiplier = 0.5\nclip_norm = 1.0\n')
+    for args in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "privacy: privacy accounting needs dp-accounting" in err[0], err
+        assert "fedsim[privacy]" in err[0] and str(path) in err[0]
+    assert not (tmp_path / "out" / "small").exists()
+    from fedsim.api import run
+
+    with pytest.raises(Exception, match="needs dp-accounting"):
+        run(path, out=tmp_path / "api")
+    assert not (tmp_path / "api" / "small").exists()
