@@ -100,6 +100,7 @@ def run(
     plugins: Iterable[str] = (),
     progress: bool = False,
     force: bool = False,
+    rerun: bool = False,
 ) -> RunResult | SweepResult:
     """Run a scenario given as a file path, TOML text or a dict, as `fedsim run` would.
 
@@ -121,7 +122,7 @@ def run(
         except FedsimError as exc:
             raise exc.located(file=spec.source) from None
     options = RunOptions(executor=executor, workers=workers, address=address, progress=progress)
-    results = [RunResult.read(d) for d in run_all(specs, out, options)]
+    results = [RunResult.read(d) for d in run_all(specs, out, options, rerun=rerun)]
     if len(specs) == 1 and not specs[0].swept:
         return results[0]
     return SweepResult(results)

@@ -28,6 +28,16 @@ def test_run_from_text_returns_the_metrics_summary_and_folder(tmp_path):
     assert result.scenario["algorithm"]["lr"] == 0.1
 
 
+def test_a_folder_of_another_scenario_is_refused_unless_rerun(tmp_path):
+    first = fedsim.run(SMALL, out=tmp_path)
+    again = fedsim.run(SMALL, out=tmp_path)  # the same scenario, finished: read back, not run again
+    assert again.summary["wall_time"] == first.summary["wall_time"]
+    with pytest.raises(fedsim.FedsimError, match="holds a finished run of another scenario"):
+        fedsim.run(SMALL, out=tmp_path, overrides={"algorithm.lr": 0.3})
+    replaced = fedsim.run(SMALL, out=tmp_path, overrides={"algorithm.lr": 0.3}, rerun=True)
+    assert replaced.scenario["algorithm"]["lr"] == 0.3 and replaced.run_dir == tmp_path / "small"
+
+
 def test_path_dict_and_text_give_the_same_curves_and_overrides_apply(tmp_path, write_scenario):
     import tomllib
 
