@@ -41,6 +41,7 @@ from .progress import Progress
 from .runfolder import RunFolderError, RunLock, RunsIndex
 from .scenario import RunSpec, label
 from .seeding import generator
+from .stacked_linear import LinearStack
 from .system import SystemModel
 from .training import ClientResult, Trainer, correct_predictions, evaluate, get_params, torch_threads
 
@@ -329,6 +330,7 @@ class RunContext:
             self._choice = choose(
                 self.spec, o.executor, o.workers, o.address, num_params=sum(p.numel() for p in self.init_params.values()),
                 mean_examples=float(np.mean(self.data.num_examples())), num_clients=self.data.num_clients,
+                stacked=LinearStack.of(self.model, tuple(self.data.feature_shape)) is not None,
             )
             if (o.executor or self.spec.scenario.system.executor) == "auto":
                 print(f"fedsim: {self._choice.line()}", file=sys.stderr)

@@ -49,6 +49,16 @@ def test_the_quickstart_runs_inline_and_a_heavy_run_on_ray():
     assert choose(big, None, None, None, num_params=BIG_PARAMS, mean_examples=200, num_clients=100, cpus=1).kind == "inline"
 
 
+def test_a_stacked_mlp_stays_inline_where_its_chunks_use_every_core():
+    (big,) = loads(BIG)
+    heavy = dict(num_params=BIG_PARAMS, mean_examples=200, num_clients=100, cpus=2)
+    choice = choose(big, None, None, None, stacked=True, **heavy)
+    assert choice.kind == "inline" and "stacked chunks on all 2 cores" in choice.line()
+    assert choose(big, None, 2, None, stacked=True, **heavy).kind == "ray"  # asked for: still honoured
+    (forced,) = loads(BIG + "[system]\nvectorize = false\n")  # one client at a time: the estimate decides
+    assert choose(forced, None, None, None, stacked=True, **heavy).kind == "ray"
+
+
 def test_explicit_requests_win():
     (quick,) = load(ROOT / "scenarios" / "quickstart.toml")
     small = dict(num_params=MLP_60_200_10, mean_examples=200, num_clients=100, cpus=2)
@@ -62,6 +72,11 @@ def test_explicit_requests_win():
 def test_the_choice_is_printed_in_one_line(write_scenario, tmp_path, capsys):
     path = write_scenario(SMALL.replace('executor = "inline"', ""))  # the default: auto
     assert main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedsim: executor:")]
+    assert len(lines) == 1 and lines[0].startswith("fedsim: executor: inline (the MLP trains in stacked chunks")
+    # one client at a time, the MLP's training time is estimated (too little here to pay for Ray)
+    path = write_scenario(SMALL.replace('executor = "inline"', "vectorize = false"), name="sequential.toml")
+    assert main(["run", str(path), "--out", str(tmp_path / "sequential"), "--no-progress"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedsim: executor:")]
     assert len(lines) == 1 and lines[0].startswith("fedsim: executor: inline (about 0 s of local training")
 
