@@ -724,7 +724,7 @@ def _model(cls: type[BaseModel], raw: Any, source: str, prefix: str) -> Any:
     except RecursionError:
         raise ScenarioError("not a scenario: tables nested too deeply", file=source) from None
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = _relevant(exc.errors())
         key = _clip(prefix + ".".join(str(part) for part in err["loc"] if not _is_tag(part)), 80)
         got = _clip(_safe_repr(err.get("input")))
         if err["type"] == "extra_forbidden":
@@ -737,10 +737,26 @@ def _model(cls: type[BaseModel], raw: Any, source: str, prefix: str) -> Any:
         raise ScenarioError(f"expected {_expected(err)}, got {got}", file=source, key=key) from None
 
 
+def _relevant(errors: list[Any]) -> Any:
+    """The error to report. A key that takes a number or a table (`compute = 0.05` or `compute =
+    { dist = ... }`) gets one error per branch, the number's first; when the user wrote a table,
+    the table's own error (an unknown key, a bad value inside it) is the one that helps."""
+    first = errors[0]
+    if isinstance(first.get("input"), dict):
+        where = [p for p in first["loc"] if not _is_tag(p)]
+        for err in errors[1:]:
+            inside = [p for p in err["loc"] if not _is_tag(p)]
+            if inside[: len(where)] == where and err["type"] not in ("model_type", "dict_type", "model_attributes_type"):
+                return err
+    return first
+
+
 def _field_names(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys accepted by the (sub)table at `loc`, for an 'unknown key' message."""
     model: Any = cls
     for part in loc:
+        if _is_tag(part):  # a union's branch, named after the model it tried: resolved below
+            continue
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return []

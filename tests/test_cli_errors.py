@@ -44,6 +44,13 @@ BAD = [
     (SMALL + '\n[sweep]\nseed = []\n', "sweep.seed", "non-empty list"),
     (SMALL + '\n[sweep]\nseed = 3\n', "sweep.seed", "non-empty list"),
     ("rounds = [\n", None, "not valid TOML"),
+    # a key that takes a number or a table: a table's own mistake is named, not "expected a number"
+    (with_change('executor = "inline"', 'compute = { dist = "lognormal", mean = 0.02, sgima = 0.5 }'),
+     "system.compute.sgima", "unknown key (accepted: dist, high, low, mean, sigma)"),
+    (with_change('executor = "inline"', 'compute = { dist = "gamma" }'), "system.compute.dist", "one of 'fixed'"),
+    (with_change('executor = "inline"', 'compute = { dist = "uniform", low = 2, high = 1 }'), "system.compute",
+     "needs 0 < low < high"),
+    (with_change('executor = "inline"', 'compute = "slow"'), "system.compute", "expected a number, got 'slow'"),
 ]
 
 

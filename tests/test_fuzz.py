@@ -325,7 +325,8 @@ _TAG = r"(?:\.(?:[a-z]+(?:-[a-z]+)+(?:\[[^\]]*\])?|[A-Z]\w*))?"
 
 
 def names_key(line: str, key: str) -> bool:
-    return re.search(rf": {re.escape(key)}{_TAG}: ", line) is not None
+    # or the key inside it that is wrong, when the key holds a table (`system.compute.dist`)
+    return re.search(rf": {re.escape(key)}(?:\.[a-z_]+)?{_TAG}: ", line) is not None
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
