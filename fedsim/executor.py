@@ -81,6 +81,9 @@ class Worker:
         cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
         self.path: TrainingPath | None = None  # decided on the first jobs unless forced or unsupported
         self._pool: ThreadPoolExecutor | None = None  # chunk threads, started on first use
+        # why vectorised training cannot work for this trainer (a chunk raised, and the same clients
+        # then trained one after another): from then on this worker trains them that way
+        self.cannot_vectorize: str | None = None
         if not supported:
             if list(self.model.buffers()):
                 why = "the model has buffers"
@@ -118,7 +121,7 @@ class Worker:
             jobs = [replace(j, inputs={**extra, **j.inputs}) for j in jobs]
         if vectorize is None:
             vectorize = self.decide(tensors, jobs).vectorize
-        if vectorize and self.plan is not None:
+        if vectorize and self.plan is not None and self.cannot_vectorize is None:
             return self._run_vectorized(tensors, jobs)
         return self._run_sequential(tensors, jobs)
 
@@ -199,6 +202,7 @@ class Worker:
         count = max(-(-len(jobs) // self.spec.chunk_size), min(threads, len(jobs) // MIN_CHUNK))
         bounds = [len(jobs) * i // count for i in range(count + 1)]
         chunks = [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        failures: list[Exception] = []
 
         def train(picked: list[int]) -> list[TrainOutput] | None:
             chunk = [jobs[i] for i in picked]
@@ -207,7 +211,8 @@ class Worker:
             try:
                 trained = vectorized.train_chunk(self.model, sgd, params, [data[i] for i in picked], chunk, rngs,
                                                  self.device, self.stack)
-            except Exception:  # found and blamed (or dropped) client by client, below
+            except Exception as exc:  # found and blamed (or dropped) client by client, below
+                failures.append(exc)
                 return None
             if names is not None:
                 for out in trained:
@@ -224,14 +229,27 @@ class Worker:
             for picked, trained in zip(chunks, outcomes):
                 chunk = [jobs[i] for i in picked]
                 if trained is None:  # one client after another, on this thread (the model is shared)
-                    for i, result in zip(picked, self._run_sequential(tensors, chunk)):
+                    retried = self._run_sequential(tensors, chunk)
+                    for i, result in zip(picked, retried):
                         results[i] = result
+                    if failures and self.cannot_vectorize is None and not any(r.metrics.get("failed") for r in retried):
+                        self._give_up_vectorising(failures[0])
                     continue
                 for i, job, out in zip(picked, chunk, trained):
                     if not math.isfinite(out.train_loss):  # parameters were checked per chunk
                         out.metrics["nonfinite"] = 1.0
                     results[i] = _result(job, len(data[i][1]), out)
         return results  # type: ignore[return-value]
+
+    def _give_up_vectorising(self, exc: Exception) -> None:
+        """A chunk raised where the same clients train one after another: the trainer (a local
+        objective with data-dependent control flow, an operation vmap cannot batch) works, only not
+        vectorised. Retrying every chunk would cost both paths' time; the run says so instead."""
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        self.cannot_vectorize = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        self.vectorize = False
+        self.path = TrainingPath(False, f"vectorised training raised {self.cannot_vectorize}; the same clients "
+                                        "trained one after another, as every client will from now on", self.engine)
 
     def client_data(self, client: int) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.data.client(client)
@@ -304,7 +322,7 @@ class InlineExecutor:
 
     def train(self, shared: Params, jobs: Sequence[TrainJob], payload: Params | None = None) -> list[ClientResult]:
         results = self.worker.run(to_numpy(shared), jobs, to_numpy(payload or {}))
-        if self.path is None and self.worker.path is not None:
+        if self.worker.path is not None and self.worker.path is not self.path:  # decided, or given up
             self.path = self.worker.path
             print(self.path.line(), flush=True)
         return results

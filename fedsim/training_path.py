@@ -87,6 +87,8 @@ def calibrate(worker: "Worker", tensors: Params, jobs: Sequence[TrainJob]) -> Tr
             vec.append(timed(True))
     except Exception as exc:  # a trainer that raises will say so on the real jobs; do not decide on it
         return TrainingPath(True, f"calibration failed ({type(exc).__name__}); vectorised by default", worker.engine)
+    if worker.cannot_vectorize is not None:  # what was timed as vectorised was the fallback: not cached
+        return worker.path  # type: ignore[return-value]
     per_step = 1e3 / (len(sample) * STEPS)
     v, s = min(vec) * per_step, min(seq) * per_step
     faster = v <= s

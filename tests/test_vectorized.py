@@ -166,3 +166,49 @@ def test_lora_adapters_train_vectorised_like_one_after_another(freeze_a, tmp_pat
         assert any(k.endswith("lora_A") for k in b.params) != freeze_a
         for k in a.params:
             assert (a.params[k] - b.params[k]).norm() <= 1e-5 * a.params[k].norm() + 1e-7
+
+
+class _Branchy:
+    """A proximal term with data-dependent control flow, which vmap cannot batch."""
+
+    calls = 0
+
+    def loss(self, w, start, inputs):
+        type(self).calls += 1
+        d = sum(((w[n] - start[n]) ** 2).sum() for n in w)
+        if d > 1e6:  # a Python branch on a tensor's value
+            d = d * 2
+        return 0.01 * d
+
+    def initial_state(self, start):
+        return {}
+
+    def after(self, start, end, inputs, steps, lr):
+        return {}, {}
+
+
+def test_a_trainer_vmap_cannot_batch_is_said_once_and_then_trains_one_after_another(capsys):
+    from fedsim.executor import InlineExecutor
+
+    data = build_federated_data(DATA, seed=0)
+    trainer = SGDTrainer(lr=0.1, batch_size=16, local_steps=3, objective=_Branchy())
+    spec = WorkerSpec("mlp", {"hidden": [8]}, data.feature_shape, 10, 0, trainer, vectorize=True)
+    params = get_params(build_model("mlp", {"hidden": [8]}, data.feature_shape, 10, 0))
+    executor = InlineExecutor(data, spec)
+    jobs = [TrainJob(c, 1) for c in range(4)]
+    first = executor.train(params, jobs)
+    path = executor.path
+    assert path is not None and not path.vectorize and "vectorised training raised RuntimeError" in path.reason
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fedsim: clients train")]
+    assert lines[-1] == path.line() and "one client after another" in lines[-1]
+    _Branchy.calls = 0
+    second = executor.train(params, [TrainJob(c, 2) for c in range(4)])
+    assert _Branchy.calls == 4 * 3  # one call per client step: no vectorised attempt any more
+    assert "fedsim: clients train" not in capsys.readouterr().out  # said once
+    _Branchy.calls = 0  # a Ray actor is told the run's path: it keeps to what it found out itself
+    executor.worker.run(to_numpy(params), jobs, vectorize=True)
+    assert _Branchy.calls == 4 * 3
+    reference = Worker(data, replace(spec, vectorize=False)).run(to_numpy(params), jobs)
+    for a, b in zip(first, reference):  # the retried chunk's results are the sequential ones
+        assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert len(second) == 4 and not any(r.metrics.get("failed") for r in second)
