@@ -93,10 +93,12 @@ def combine(rule: Aggregator, global_params: Params, batch: UpdateBatch, *, roun
     except Exception as exc:
         raise PluginError(f"aggregation rule {name} raised {exc!r} at {where} in round {round}") from exc
     if not isinstance(out, dict):
-        raise PluginError(f"aggregation rule {name} returned a {type(out).__name__} at {where} in round {round}; "
+        raise PluginError(f"aggregation rule {name} returned {_a(type(out).__name__)} at {where} in round {round}; "
                           "expected a dict of named tensors")
     shapes = {k: tuple(v.shape) for k, v in global_params.items()}
     shapes.update({k: tuple(v.shape[1:]) for k, v in batch.params.items()})
+    dtypes = {k: v.dtype for k, v in global_params.items()}
+    dtypes.update({k: v.dtype for k, v in batch.params.items()})
     # every parameter of the batch must come back; payloads that are not parameters (Ferret's
     # coordinates) may be consumed
     missing = sorted((set(batch.params) & set(global_params)) - set(out))
@@ -106,13 +108,22 @@ def combine(rule: Aggregator, global_params: Params, batch: UpdateBatch, *, roun
                           f"missing {missing}, unexpected {extra}")
     for key, value in out.items():
         want = shapes[key]
-        if not isinstance(value, Tensor) or tuple(value.shape) != want:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise PluginError(f"aggregation rule {name} returned {key} with shape {got} at {where} in round {round}; "
-                              f"expected {want}")
+        if not isinstance(value, Tensor):
+            raise PluginError(f"aggregation rule {name} returned {key} as {_a(type(value).__name__)} at {where} in "
+                              f"round {round}; expected a torch tensor of shape {want}")
+        if tuple(value.shape) != want:
+            raise PluginError(f"aggregation rule {name} returned {key} with shape {tuple(value.shape)} at {where} in "
+                              f"round {round}; expected {want}")
+        if value.dtype != dtypes[key]:  # another precision would silently change every later message's bytes
+            raise PluginError(f"aggregation rule {name} returned {key} as {value.dtype} at {where} in round {round}; "
+                              f"expected {dtypes[key]}, as the model holds it")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()) and _finite(batch, global_params):
             raise PluginError(f"aggregation rule {name} returned non-finite values in {key} at {where} in round {round}")
     return out
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _finite(batch: UpdateBatch, global_params: Params) -> bool:

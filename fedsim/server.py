@@ -142,7 +142,7 @@ class ServerRounds:
         if hasattr(self.aggregator, "stats_"):
             self.aggregator.stats_ = {}  # this round's figures only
         merged = batch if self.prepare is None else self.prepare(self.params, batch, round)
-        combined = ctx.combine(self.aggregator, self.params, merged, round=round, where="the server round")
+        combined = ctx.combine(self.aggregator, self.params, merged, round=round, where="the server's merge")
         self.params = ctx.server_step(self.params, {**self.params, **combined}, round=round)
         if self.after_merge is not None:
             self.after_merge(batch, round)

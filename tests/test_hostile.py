@@ -725,6 +725,14 @@ class NotADict(Aggregator):
     def __call__(self, g, b, *, round):
         return 3
 
+class Doubles(Aggregator):
+    def __call__(self, g, b, *, round):
+        return {k: v.double() for k, v in g.items()}
+
+class Arrays(Aggregator):
+    def __call__(self, g, b, *, round):
+        return {k: v.numpy() for k, v in g.items()}
+
 @register_aggregator("h17_not_callable")
 class NotCallable:
     pass
@@ -734,7 +742,9 @@ class NotCallable:
 @pytest.mark.parametrize("rule,code,words", [
     ("Raises", 1, ["rule Raises raised ValueError('rule bug')", "in round 1"]),
     ("WrongShape", 1, ["rule WrongShape returned", "with shape", "in round 1"]),
-    ("NotADict", 1, ["rule NotADict returned a int", "in round 1"]),
+    ("NotADict", 1, ["rule NotADict returned an int at the server's merge in round 1"]),
+    ("Doubles", 1, ["rule Doubles returned", "as torch.float64", "in round 1; expected torch.float32"]),
+    ("Arrays", 1, ["rule Arrays returned", "as a ndarray", "expected a torch tensor of shape"]),
     ("h17_not_callable", 2, ["NotCallable built a NotCallable, which cannot be called", ": aggregator.name: "]),
 ])
 def test_a_broken_rule_is_one_line_naming_it(tmp_path, write_scenario, capsys, monkeypatch, rule, code, words):
