@@ -175,7 +175,7 @@ class Worker:
                 except Exception as exc:  # a plugin's bug: name it, and the client, for the user
                     if self.spec.on_client_error == "stop":
                         raise ClientError(
-                            f"trainer {type(self.spec.trainer).__name__} raised {exc!r} on client "
+                            f"trainer {self._trainer_name()} raised {exc!r} on client "
                             f"{job.client_id} in round {job.round}"
                         ) from exc
                     out = TrainOutput({k: v.clone() for k, v in params.items()}, 0, float("nan"), {"failed": 1.0})
@@ -240,6 +240,12 @@ class Worker:
                         out.metrics["nonfinite"] = 1.0
                     results[i] = _result(job, len(data[i][1]), out)
         return results  # type: ignore[return-value]
+
+    def _trainer_name(self) -> str:
+        """The trainer, and the local objective inside it (the plug-in a user wrote, more often)."""
+        objective = getattr(self.spec.trainer, "objective", None)
+        name = type(self.spec.trainer).__name__
+        return f"{name} (objective {type(objective).__name__})" if objective is not None else name
 
     def _give_up_vectorising(self, exc: Exception) -> None:
         """A chunk raised where the same clients train one after another: the trainer (a local

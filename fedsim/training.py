@@ -242,7 +242,7 @@ class SGDTrainer:
         def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
             loss = F.cross_entropy(model(xb), yb)
             if adds_to_loss(objective):
-                loss = loss + objective.loss(named, params, inputs)
+                loss = loss + scalar_term(objective, objective.loss(named, params, inputs))
             if batch_term is not None:
                 loss = loss + batch_term(named, params, inputs, xb, torch.ones(len(yb)), represent)
             return loss
@@ -270,8 +270,26 @@ class SGDTrainer:
         end = get_params(model)
         state, extras = ({}, {})
         if objective is not None:
-            state, extras = objective.after(params, end, inputs, steps, lr)
+            state, extras = checked_after(objective, objective.after(params, end, inputs, steps, lr))
         return TrainOutput(shared_part(objective, end), steps, total / steps, extras=extras, state=state)
+
+
+def scalar_term(objective: Any, term: Any) -> Tensor:
+    """A local objective's `loss`, required to be one number: a vector would be summed by some
+    paths and refused by others, so it is refused everywhere, naming the objective."""
+    if not isinstance(term, Tensor) or term.dim() != 0:
+        got = f"a tensor of shape {tuple(term.shape)}" if isinstance(term, Tensor) else f"a {type(term).__name__}"
+        raise TypeError(f"{type(objective).__name__}.loss returned {got}; expected a scalar tensor (sum or average it)")
+    return term
+
+
+def checked_after(objective: Any, result: Any) -> tuple[Params, dict[str, Any]]:
+    """A local objective's `after`, required to be (state dict, extras dict) when it is returned,
+    not found wrong a round later when the state is next read."""
+    if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, dict) for r in result)):
+        raise TypeError(f"{type(objective).__name__}.after returned {type(result).__name__}; expected a tuple "
+                        "(state: dict of tensors, extras: dict)")
+    return result
 
 
 def dp_noise_generator(rng: np.random.Generator) -> torch.Generator:

@@ -26,12 +26,14 @@ from .training import (
     TrainJob,
     TrainOutput,
     adds_to_loss,
+    checked_after,
     dp_noise_draw,
     dp_noise_generator,
     frozen_at,
     minibatches,
     objective_inputs,
     representer,
+    scalar_term,
     shared_part,
     start_weights,
 )
@@ -103,7 +105,8 @@ def train_chunk(
         dp_grad = _private_gradients(model, trainer.dp_clip, trainer.dp_noise)
         noise_gens = [dp_noise_generator(r) for r in rngs]  # after the minibatches, as the sequential path
     if stack is not None:
-        term = vmap(grad_and_value(objective.loss)) if adds_to_loss(objective) else None
+        term = (vmap(grad_and_value(lambda w, w0, given: scalar_term(objective, objective.loss(w, w0, given))))
+                if adds_to_loss(objective) else None)
 
         def grad_fn(
             w: Params, fixed: Params, xb: torch.Tensor, yb: torch.Tensor, mask: torch.Tensor, w0: Params, given: Params,
@@ -123,7 +126,7 @@ def train_chunk(
             per_example = F.cross_entropy(out, yb, reduction="none") * mask
             loss = per_example.sum() / mask.sum()
             if adds_to_loss(objective):
-                loss = loss + objective.loss(w, w0, given)
+                loss = loss + scalar_term(objective, objective.loss(w, w0, given))
             if batch_term is not None:  # frozen tensors complete any weights the term passes in
                 loss = loss + batch_term(w, w0, given, xb, mask, lambda p, x: represent_with({**fixed, **p}, x))
             return loss, loss
@@ -204,7 +207,7 @@ def train_chunk(
         if not finite[c]:
             result.metrics["nonfinite"] = 1.0
         if objective is not None:
-            result.state, result.extras = objective.after(params[c], end, inputs[c], steps[c], lrs[c])
+            result.state, result.extras = checked_after(objective, objective.after(params[c], end, inputs[c], steps[c], lrs[c]))
         out.append(result)
     return out
 

@@ -5,6 +5,7 @@ over a stack of clients equal to its per-client value (what the vectorised train
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -250,3 +251,46 @@ def test_moon_term_vmaps_over_clients():
 
     check_vmapped(term, (0, 0, None, 0, 0), list(zip(w, xs, w_prev, masks)), [None, None, w_glob, None, None])
 
+
+
+class _VectorLoss:
+    def loss(self, w, start, inputs):
+        return torch.stack([((w[n] - start[n]) ** 2).sum() for n in w])  # one per tensor: not summed
+
+    def initial_state(self, start):
+        return {}
+
+    def after(self, start, end, inputs, steps, lr):
+        return {}, {}
+
+
+class _ListAfter(_VectorLoss):
+    def loss(self, w, start, inputs):
+        return sum(((w[n] - start[n]) ** 2).sum() for n in w)
+
+    def after(self, start, end, inputs, steps, lr):
+        return [{}, {}]
+
+
+@pytest.mark.parametrize("objective,words", [
+    (_VectorLoss(), "_VectorLoss.loss returned a tensor of shape (4,); expected a scalar tensor"),
+    (_ListAfter(), "_ListAfter.after returned list; expected a tuple (state: dict of tensors, extras: dict)"),
+])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_an_objective_returning_the_wrong_thing_is_named_on_both_paths(objective, words, vectorize):
+    from fedsim.data import build_federated_data
+    from fedsim.errors import ClientError
+    from fedsim.executor import InlineExecutor, WorkerSpec
+    from fedsim.models import build_model
+    from fedsim.training import SGDTrainer, TrainJob, get_params
+
+    data = build_federated_data(SimpleNamespace(dataset="synthetic", num_clients=4, partition="natural",
+                                                samples_per_client=20, synthetic_alpha=0.5, synthetic_beta=0.5,
+                                                test_size=10), 0)
+    trainer = SGDTrainer(lr=0.1, batch_size=8, local_steps=2, objective=objective)
+    spec = WorkerSpec("mlp", {"hidden": [8]}, data.feature_shape, 10, 0, trainer, vectorize=vectorize)
+    params = get_params(build_model("mlp", {"hidden": [8]}, data.feature_shape, 10, 0))
+    with pytest.raises(ClientError) as caught:
+        InlineExecutor(data, spec).train(params, [TrainJob(c, 1) for c in range(4)])
+    assert f"trainer SGDTrainer (objective {type(objective).__name__}) raised" in str(caught.value)
+    assert words in str(caught.value) and "on client 0 in round 1" in str(caught.value)
