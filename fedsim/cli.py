@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--by", default="algorithm.name", help="dotted scenario key to group by (default: algorithm.name)")
     plot.add_argument("--x", default="round", choices=["round", "sim_time", "bytes_sent", "wall_time"])
     plot.add_argument("--metric", default="test_accuracy", help="metrics.csv column (default: test_accuracy)")
-    plot.add_argument("-o", "--output", help="image file to write (default: convergence.png)")
+    plot.add_argument("-o", "--output",
+                      help="image file to write (default: convergence.png, with --partition partition.png)")
     plot.add_argument("--title", help="figure title (default: METRIC by KEY)")
     return parser
 
@@ -199,6 +200,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# `plot` without -o writes into the working directory and says so, as `run` says where its folders are
+DEFAULT_PLOT = "convergence.png"
+DEFAULT_PARTITION_PLOT = "partition.png"
+DEFAULT_NOTE = " (the default; choose the file with -o)"
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     if args.partition:
         return _plot_partition(args)
@@ -206,9 +213,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise FedsimError("plot: give run folders, or --partition SCENARIO")
     from .plotting import plot_runs
 
-    out = plot_runs(args.runs, by=args.by, out=args.output or "convergence.png", x=args.x, metric=args.metric,
+    out = plot_runs(args.runs, by=args.by, out=args.output or DEFAULT_PLOT, x=args.x, metric=args.metric,
                     title=args.title)
-    print(out if args.output else f"{out} (the default; choose the file with -o)")
+    print(out if args.output else f"{out}{DEFAULT_NOTE}")
     return 0
 
 
@@ -219,8 +226,9 @@ def _plot_partition(args: argparse.Namespace) -> int:
     if args.runs:
         raise FedsimError("plot --partition takes a scenario file alone, not run folders")
     specs = load(args.partition, args.overrides)
-    out, stats = plot_partition(specs[0], args.output)
-    note = f" (the first of {len(specs)} sweep points)" if len(specs) > 1 else ""
+    out, stats = plot_partition(specs[0], args.output or DEFAULT_PARTITION_PLOT)
+    note = "" if args.output else DEFAULT_NOTE
+    note += f" (the first of {len(specs)} sweep points)" if len(specs) > 1 else ""
     print(f"{out}{note}: mean label entropy {stats['label_entropy_mean']:.3f} bits, "
           f"mean EMD {stats['label_emd_mean']:.3f}")
     return 0

@@ -19,17 +19,75 @@ WIDTH = 100
 _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def one_line(obj: Any) -> str:
-    """The object's own docstring, else its module's: the first sentence of its first paragraph."""
-    doc = inspect.getdoc(obj) if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__doc__ else None
-    if doc is None:
-        module = sys.modules.get(getattr(obj, "__module__", ""), None)
-        doc = inspect.getdoc(module) if module is not None else None
+# Words that end with a full stop inside a sentence: "(Wang et al. 2021)", "Sec. 4", "with prob. p".
+ABBREVIATIONS = frozenset({
+    "al", "e.g", "i.e", "cf", "vs", "sec", "secs", "fig", "figs", "eq", "eqs", "prob", "approx", "resp",
+    "alg", "thm", "def", "ref", "refs", "ch", "app", "no", "pp", "vol",
+})
+
+
+def one_line(obj: Any, name: str | None = None) -> str:
+    """The first sentence of the first paragraph of the docstring that describes `obj`."""
+    doc = summary_doc(obj, name)
     if not doc:
         return ""
-    paragraph = " ".join(doc.split("\n\n")[0].split())
-    end = paragraph.find(". ")
-    return paragraph if end < 0 else paragraph[: end + 1]
+    return first_sentence(" ".join(doc.split("\n\n")[0].split()))
+
+
+def first_sentence(paragraph: str) -> str:
+    """Up to the first full stop that ends a sentence: not one after an abbreviation or an initial,
+    and not one followed by a lower-case word ("with prob. p")."""
+    start = 0
+    while True:
+        end = paragraph.find(". ", start)
+        if end < 0:
+            return paragraph
+        word = paragraph[:end].rsplit(None, 1)[-1].lstrip("([{\"'`") if paragraph[:end].strip() else ""
+        following = paragraph[end + 2:].lstrip()
+        initial = len(word) == 1 and word.isupper()
+        if word.lower() not in ABBREVIATIONS and not initial and not following[:1].islower():
+            return paragraph[: end + 1]
+        start = end + 2
+
+
+def summary_doc(obj: Any, name: str | None = None) -> str | None:
+    """The docstring that says what `obj` is.
+
+    Its own, unless it only describes one of its keys ("batch_norm: ...") or it is a private
+    wrapper registered for a public function of the same name (`_from_file_topology` for
+    `from_file`), whose docstring is then the one that describes it. Without one of its own, its
+    module's, but only when that names it: a module of many entries (fedsim.models) describes
+    none of them in particular, and a wrong summary is worse than none.
+    """
+    module = sys.modules.get(getattr(obj, "__module__", "") or "", None)
+    own = inspect.getdoc(obj) if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__doc__ else None
+    own_name = getattr(obj, "__name__", "")
+    if name and module is not None and own_name.startswith("_") and own_name != name:
+        public = getattr(module, name, None)
+        if public is not obj and callable(public) and getattr(public, "__doc__", None):
+            return inspect.getdoc(public)
+    if own and not _describes_a_key(own, obj):
+        return own
+    doc = inspect.getdoc(module) if module is not None else None
+    if doc and any(_plain(n) in _plain(doc) for n in (name, own_name) if n and not n.startswith("_")):
+        return doc
+    return None
+
+
+def _plain(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+def _describes_a_key(doc: str, obj: Any) -> bool:
+    """Whether a docstring starts by describing one of the object's parameters (`key: ...`)."""
+    head = doc.split(":", 1)[0].strip().strip("`")
+    if not head.isidentifier() or head == doc.strip():
+        return False
+    try:
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        return head in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _algorithm(obj: Any) -> Any:
@@ -70,11 +128,13 @@ def summaries(kind: str, registry: Any) -> str:
     lines = [f"{kind} (fedsim list {kind} NAME: its keys, defaults and allowed values)"]
     for name in names:
         obj = registry.get(name)
-        summary = one_line(obj) or "(no description)"
+        summary = one_line(obj, name) or "(no description)"
         lines += textwrap.wrap(summary, WIDTH, initial_indent=f"  {name:<{width}}", subsequent_indent=" " * (width + 2))
         keys = own_keys(kind, obj)
         if kind == "algorithms":
-            where = "graph ([topology] needed)" if _algorithm(obj).needs_topology else "central server"
+            # needs_topology says whether the method runs on a [topology] graph; False is not a
+            # server (MoDeST samples peers without one, `local` never communicates)
+            where = "graph ([topology] needed)" if _algorithm(obj).needs_topology else "no graph (no [topology] table)"
             text = f"{where}; keys: {', '.join(keys) if keys else 'the shared local-training ones'}"
         else:
             text = f"keys: {', '.join(keys)}" if keys else ""
@@ -89,13 +149,13 @@ def describe(kind: str, registry: Any, name: str) -> str:
         obj = registry.get(name)
     except FedsimError as exc:
         raise exc.located(key=kind) from None
-    lines = [f"{name}: {one_line(obj) or '(no description)'}"]
+    lines = [f"{name}: {one_line(obj, name) or '(no description)'}"]
     if kind == "algorithms":
         from .training import LocalSGDConfig
 
         spec = _algorithm(obj)
         lines.append("runs on a graph: needs a [topology] table" if spec.needs_topology
-                     else "runs with a central server (no [topology] table)")
+                     else "runs without a graph: no [topology] table")
         fields = {k: f for k, f in spec.config.model_fields.items() if k != "name"}
         own = {k: f for k, f in fields.items() if k not in LocalSGDConfig.model_fields}
         shared = {k: f for k, f in fields.items() if k in LocalSGDConfig.model_fields}

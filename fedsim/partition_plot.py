@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data.heterogeneity import figures, label_counts  # noqa: E402
-from .plotting import save  # noqa: E402
+from .plotting import check_output, save_image  # noqa: E402
 
 MAX_BARS = 100  # beyond this many clients, bars of the first MAX_BARS clients (the figures use all)
 MAX_LEGEND = 20  # classes named in the legend; more (Shakespeare's 80 characters) only coloured
@@ -43,6 +43,7 @@ def plot_partition(spec: Any, out: str | Path, *, normalize: bool = False) -> tu
     from .coordinator import _located
     from .data import build_federated_data
 
+    out = check_output(out)  # before building the federation, which can take a while
     s = spec.scenario
     data = _located(lambda: build_federated_data(s.data, s.seed), spec, "data")
     ids, counts = label_counts(data, s.seed)
@@ -75,7 +76,8 @@ def plot_partition(spec: Any, out: str | Path, *, normalize: bool = False) -> tu
         fontsize=9,
     )
     ax.grid(axis="y", alpha=0.3)
-    out = Path(out)
-    save(fig, out, dpi=110)
-    plt.close(fig)
+    try:
+        save_image(fig, out, dpi=110)
+    finally:
+        plt.close(fig)
     return out, stats

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from .errors import FedsimError  # noqa: E402
+from .paths import writing  # noqa: E402
 from .runfolder import folder_scenario, read_index, read_metrics, read_summary  # noqa: E402
 
 AXIS_LABELS = {
@@ -93,6 +94,42 @@ def save(fig: Figure, path: Path, dpi: int) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
         fig.savefig(path, dpi=dpi)
+
+
+def image_formats() -> list[str]:
+    """The file suffixes matplotlib can write here (its own list, so a backend's extra formats count)."""
+    return sorted(Figure().canvas.get_supported_filetypes())
+
+
+def check_output(out: str | Path, flag: str = "-o") -> Path:
+    """`out` as a Path, or one line saying why matplotlib could not write an image there.
+
+    Checked before any work (loading runs, building a federation): matplotlib finds a missing
+    folder or an unknown suffix only when it saves, and says so in a traceback; and a name without
+    a suffix would be saved as `name.png`, not the `name` we print.
+    """
+    path = Path(out)
+    shown = f"{flag} {out}"
+    if path.is_dir():
+        raise FedsimError(f"{shown}: is a folder; expected an image file name such as {path / 'plot.png'}")
+    suffix = path.suffix.lower().lstrip(".")
+    formats = image_formats()
+    if suffix not in formats:
+        got = f"got .{suffix}" if suffix else "got no suffix"
+        raise FedsimError(f"{shown}: expected an image file name ending in one of "
+                          f"{', '.join('.' + f for f in formats)} ({got})")
+    parent = path.parent
+    if not parent.exists():
+        raise FedsimError(f"{shown}: the folder {parent} does not exist; create it first or choose another file")
+    if not parent.is_dir():
+        raise FedsimError(f"{shown}: {parent} is not a folder; expected an image file inside a folder")
+    return path
+
+
+def save_image(fig: Figure, path: Path, dpi: int) -> None:
+    """`save`, with an operating-system refusal (permissions, full disk) as one line naming the file."""
+    with writing(path, started=False):
+        save(fig, path, dpi=dpi)
 
 
 def figure_run(df: pd.DataFrame, title: str = "") -> Figure:
@@ -178,14 +215,16 @@ def plot_runs(
     title: str | None = None,
 ) -> Path:
     """Mean curve per group with a min-max band over the group's runs (seeds, usually)."""
+    out = check_output(out)
     df = load_runs(find_runs(inputs), by)
     for column in (x, metric):
         if column not in df:
             raise FedsimError(f"no column '{column}' in the runs' metrics.csv (have: {', '.join(df.columns)})")
     fig = figure_runs(df, by, x, metric, title)
-    out = Path(out)
-    save(fig, out, dpi=120)
-    plt.close(fig)
+    try:
+        save_image(fig, out, dpi=120)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -2,7 +2,9 @@
 
 - `inspect` says whether a folder holds nothing, a finished run, a run that stopped before its end
   (killed, interrupted, failed) or files fedsim did not write, so that a re-run never destroys
-  results: a finished run is skipped, an unfinished one is resumed or re-run only when asked.
+  results: a finished run is skipped, an unfinished one is resumed or re-run only when asked. A
+  file under a run's name (metrics.csv, ...) without the scenario.toml every run writes first is
+  the user's, and is refused outright: even --rerun would overwrite it.
 - `RunLock` is an exclusive `flock` on `RUN/.fedsim.lock` while a run writes there: a second run
   into the same folder is refused in one line. The kernel drops the lock when its process dies
   (SIGKILL included), so a stale lock never blocks anyone; the file also records the local Ray
@@ -74,6 +76,14 @@ def inspect(run_dir: Path) -> FolderState:
     except OSError as exc:
         raise PathError(f"cannot read the folder {run_dir}: {exc.strerror}") from None
     ours = [n for n in names if n in RUN_FILES]
+    if ours and "scenario.toml" not in ours:
+        # A run writes its scenario.toml before any other file (coordinator._run_locked) and never
+        # removes it, so a metrics.csv (summary.json, ...) without one is the user's own file under
+        # a name a run would write: refused even with --rerun, which would overwrite it.
+        shown = ", ".join(ours[:3]) + (", ..." if len(ours) > 3 else "")
+        raise RunFolderError(f"holds files fedsim did not write ({shown}, without the scenario.toml a run writes "
+                             "first); choose another --out or name, or move them away (--rerun would overwrite "
+                             "them, so it is refused too)", file=str(run_dir))
     foreign = [n for n in names if n not in RUN_FILES + TRACKER_FILES + _TEMPORARY and n != LOCK_NAME]
     state = FolderState("empty", run_dir, foreign, has_checkpoint="checkpoint.pt" in names,
                         locked_by=lock_holder(run_dir))

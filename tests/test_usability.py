@@ -182,7 +182,7 @@ def test_list_algorithms_shows_summaries_and_keys(capsys):
     lines = out.splitlines()
     fedavg = next(i for i, line in enumerate(lines) if line.split()[:1] == ["fedavg"])
     assert "FedAvg (McMahan et al., AISTATS 2017)" in lines[fedavg]
-    assert "central server; keys: clients_per_round, deadline, sampler" in " ".join(lines[fedavg:fedavg + 3])
+    assert "no graph (no [topology] table); keys: clients_per_round, deadline, sampler" in " ".join(lines[fedavg:fedavg + 3])
     dpsgd = next(i for i, line in enumerate(lines) if line.split()[:1] == ["dpsgd"])
     assert "graph ([topology] needed); keys: gossip_steps, init, eval_nodes" in " ".join(lines[dpsgd:dpsgd + 3])
     assert main(["list", "algorithms", "fedcompass"]) == 0
