@@ -19,13 +19,16 @@ from .registry import models, register_model
 
 @register_model("logreg")
 def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: one linear layer on the flattened input (the FedProx
+    paper's model for Synthetic data)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
 @register_model("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: Sequence[PositiveInt] = (200,), batch_norm: bool = False) -> nn.Module:
-    """batch_norm: a BatchNorm1d after each hidden layer (for FedBN at MLP cost; its statistics are
-    buffers, so clients then train one after another)."""
+    """A multilayer perceptron with ReLU: `hidden` widths, one per layer (McMahan et al.'s 2NN is
+    [200, 200]). `batch_norm` adds a BatchNorm1d after each hidden layer (for FedBN at MLP cost;
+    its statistics are buffers, so clients then train one after another)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
