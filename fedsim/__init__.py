@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .aggregation import Aggregator, Mean, ServerOptimizer, WeightedMean, combine, make_batch  # noqa: E402
 from .checkpoint import checkpointable  # noqa: E402
+from .data.base import DataInfo, DataPool, describes  # noqa: E402
 from .errors import (  # noqa: E402
     ClientError,
     DataError,
@@ -39,9 +40,10 @@ from .training import (  # noqa: E402
 )
 
 __all__ = [
-    "Aggregator", "AlgorithmConfig", "ClientError", "ClientResult", "DataError", "FedsimError", "LocalObjective", "LocalSGDConfig", "TrainOutput",
+    "Aggregator", "AlgorithmConfig", "ClientError", "ClientResult", "DataError", "DataInfo", "DataPool", "FedsimError", "LocalObjective", "LocalSGDConfig", "TrainOutput",
     "Mean", "Params", "PluginError", "SGDTrainer", "ScenarioError", "ServerOptimizer", "ServerRounds",
     "TopologyError", "TrainJob", "Trainer", "UpdateBatch", "WeightedMean", "checkpointable", "clone", "combine",
+    "describes",
     "generator", "hash_order", "make_batch", "num_bytes", "ordered_candidates", "register_aggregator",
     "register_algorithm", "register_dataset", "register_model", "register_topology", "stack", "torch_generator",
     "unstack", "weighted_sum",

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the registered names of one kind (or all)")
     lst.add_argument("kind", nargs="?", choices=sorted(KINDS), help="which kind (default: all)")
     lst.add_argument("name", nargs="?", help="one of them: its keys with defaults and allowed values")
+    lst.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                     help="import this module first, so that the names it registers are listed (repeatable)")
 
     plot = sub.add_parser("plot", help="plot runs side by side, grouped by a scenario key")
     plot.add_argument("runs", nargs="*", help="run folders, folders of runs, or runs.csv files")
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("fedsim: interrupted; the rows written so far are kept", file=sys.stderr)
+        again = ""
+        if args.command == "run":  # a single run's folder or a sweep's: --resume takes either
+            again = f"; continue with `fedsim run --resume {getattr(args, 'resume', None) or args.out}`"
+        print(f"fedsim: interrupted; the rows written so far are kept{again}", file=sys.stderr)
         return 130
 
 
@@ -188,6 +193,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .listing import describe, summaries
 
+    if args.plugins:
+        from .plugins import import_modules
+
+        try:
+            import_modules(args.plugins)
+        except FedsimError as exc:
+            raise exc.located(key="--plugin") from None
     if args.name:
         if not args.kind:
             raise FedsimError("list: give the kind before the name, e.g. fedsim list algorithms fedcompass")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from torch import Tensor
 
 from .aggregation import Aggregator, make_batch
 from .errors import ScenarioError
@@ -18,7 +19,13 @@ if TYPE_CHECKING:
 
 
 def _model_bytes(result: ClientResult) -> int:
-    return num_bytes(result.params)
+    """What a client sends by default: its model and every tensor among its extras (FedNova's
+    step count, a plug-in's control variate): whatever reaches the server travelled."""
+    return num_bytes(result.params) + _extras_bytes(result)
+
+
+def _extras_bytes(result: ClientResult) -> int:
+    return num_bytes({k: v for k, v in result.extras.items() if isinstance(v, Tensor)})
 
 
 class ServerRounds:
@@ -125,7 +132,7 @@ class ServerRounds:
             results, sizes = self.compression.apply(ctx, self.params, results, round)
         kept, longest = [], 0.0
         for r in results:
-            up = self.upload_bytes(r) if not sizes else sizes[r.client_id]
+            up = self.upload_bytes(r) if not sizes else sizes[r.client_id] + _extras_bytes(r)
             duration = net.round_trip(r.client_id, r.steps, down, up, job=round, limit=limit)
             longest = max(longest, min(duration, limit))
             if duration <= limit and net.post(r.client_id, [SERVER], up, purpose="upload", ids=(round,)):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim import LocalSGDConfig, register_algorithm, register_model, register_topology
+from fedsim import LocalSGDConfig, register_algorithm, register_dataset, register_model, register_topology
 from fedsim.cli import main
 from tests.conftest import SMALL
 
@@ -37,6 +37,11 @@ def _raising_build(cfg: LocalSGDConfig, ctx):
     raise RuntimeError("build boom")
 
 
+@register_dataset("test_raising_data")
+def _raising_data(cfg, seed):
+    raise RuntimeError("data boom")
+
+
 DPSGD = SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "dpsgd"')
 CASES = {
     "topology raises": (DPSGD.replace("[system]", '[topology]\nname = "test_raising_topology"\n\n[system]'),
@@ -48,6 +53,8 @@ CASES = {
     "model too narrow": (SMALL.replace('name = "mlp"\nhidden = [32]', 'name = "test_narrow_model"'),
                          "model 'test_narrow_model' returned shape (1, 3) for one example; expected a tensor of shape "
                          "(1, 10): one logit per class"),
+    "data set raises": (SMALL.replace('dataset = "synthetic"', 'dataset = "test_raising_data"'),
+                        "data set loader 'test_raising_data' raised RuntimeError('data boom')"),
     "build raises": (SMALL.replace('name = "fedavg"\nclients_per_round = 4', 'name = "test_raising_build"'),
                      "algorithm 'test_raising_build' raised RuntimeError('build boom') while building its flow"),
 }

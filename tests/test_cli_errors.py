@@ -103,3 +103,17 @@ def test_run_refuses_a_scenario_that_cannot_fit_in_memory(capsys, write_scenario
     code, err = run_cli(capsys, "run", str(path), "--out", str(tmp_path))
     assert code == 2 and "GiB" in err and "--force" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "small").exists()  # refused before anything was written
+
+
+def test_an_interrupted_run_says_how_to_continue(capsys, write_scenario, tmp_path, monkeypatch):
+    import fedsim.coordinator as coordinator
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator, "run_all", interrupted)
+    path = write_scenario()
+    code, err = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 130
+    assert err.strip() == (f"fedsim: interrupted; the rows written so far are kept; continue with "
+                           f"`fedsim run --resume {tmp_path / 'out'}`")

@@ -101,3 +101,14 @@ def test_bad_inputs_are_one_clear_error():
     batch = make_batch([ClientResult(client_id=0, params={"w": torch.zeros(1)}, num_examples=3, metrics={}, steps=2)])
     with pytest.raises(ValueError, match=r"extras\['steps'\]"):
         FedNovaRule()({"w": torch.zeros(1)}, batch, round=1)
+
+
+def test_the_step_count_a_client_sends_is_counted_in_its_upload(tmp_path):
+    # extras travel with the model: the engine counts every tensor among them by default
+    import fedsim
+    from tests.conftest import SMALL
+
+    fedavg = fedsim.run(SMALL, out=tmp_path / "fedavg").metrics
+    fednova = fedsim.run(SMALL.replace('name = "fedavg"', 'name = "fednova"'), out=tmp_path / "fednova").metrics
+    per_round = 4 * 8  # four clients, one int64 step count each
+    assert (fednova["bytes_sent"] - fedavg["bytes_sent"]).tolist() == [per_round * r for r in fednova["round"]]

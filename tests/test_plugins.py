@@ -105,3 +105,20 @@ def test_trimmed_mean_ignores_an_outlier():
     batch = UpdateBatch(params, torch.ones(5, dtype=torch.int64), torch.arange(5), torch.zeros(5, dtype=torch.int64))
     out = TrimmedMean(trim=0.2)({"w": torch.zeros(1)}, batch, round=1)
     assert abs(float(out["w"]) - 1.0) < 0.1
+
+
+def test_list_imports_a_plugin_to_show_its_keys(plugin_dir, capsys):
+    (plugin_dir / "fedsim_test_plugin_list.py").write_text(
+        "from fedsim import register_topology\n"
+        "import networkx as nx\n"
+        "@register_topology('fedsim_test_listed_ring')\n"
+        "def listed(n: int, *, skip: int = 3):\n"
+        "    '''A ring with chords every `skip` nodes.'''\n"
+        "    return nx.cycle_graph(n)\n"
+    )
+    assert main(["list", "topologies", "fedsim_test_listed_ring", "--plugin", "fedsim_test_plugin_list"]) == 0
+    out = capsys.readouterr().out
+    assert "A ring with chords" in out and "skip = 3" in out
+    assert main(["list", "topologies", "--plugin", "fedsim_test_no_such_module"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plugin: cannot import plug-in module 'fedsim_test_no_such_module'" in err[0]

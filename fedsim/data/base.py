@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, FedsimError, PluginError
 
 # Constants that separate the random streams drawn from one seed (see `np.random.default_rng`).
 PARTITION_PURPOSE = 0x5041_5254  # "PART"
@@ -207,10 +207,15 @@ def build_federated_data(cfg: Any, seed: int) -> FederatedData:
             raise DataError("client_test_fraction needs the federation in memory; set [data] lazy = false")
         return lazy_synthetic(cfg, seed)  # type: ignore[return-value]  (same interface, generated on demand)
     loader = registry.datasets.get(cfg.dataset)
-    pool = loader(cfg, seed)
+    try:
+        pool = loader(cfg, seed)
+    except FedsimError:  # a missing or malformed file, said by the loader itself
+        raise
+    except Exception as exc:  # a plugin's bug: one line naming it
+        raise PluginError(f"data set loader '{cfg.dataset}' raised {exc!r}") from exc
     if not isinstance(pool, DataPool):
         raise DataError(
-            f"data set loader '{cfg.dataset}' returned {type(pool).__name__}, not a DataPool"
+            f"data set loader '{cfg.dataset}' returned {type(pool).__name__}, not a fedsim.DataPool"
         )
     rng = np.random.default_rng([seed, PARTITION_PURPOSE])
     parts = partition(pool, cfg, rng)
