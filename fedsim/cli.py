@@ -7,6 +7,7 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -84,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    made = _output_folder_to_make(args)
     try:
         return COMMANDS[args.command](args)
     except FedsimError as exc:
+        if made is not None:  # refused before anything was written (no cluster there, ...): leave no trace
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only if still empty
         print(f"fedsim: error: {exc}", file=sys.stderr)
         if getattr(exc, "hard_exit", False):  # Ray is stuck connecting in a thread: do not wait for it
             sys.stdout.flush()
@@ -188,6 +193,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"checks: {', '.join(skipped)}" if skipped else "")
     print(f"{args.scenario}: ok ({len(specs)} run{'s' if len(specs) != 1 else ''}{note})")
     return 0
+
+
+def _output_folder_to_make(args: argparse.Namespace) -> Path | None:
+    """The `--out` folder `run` will create, or None when it exists already (or is not asked)."""
+    if args.command != "run" or getattr(args, "resume", None):
+        return None
+    out = Path(args.out)
+    return None if out.exists() else out
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import inspect
 import itertools
 import math
 import tomllib
+import difflib
 import typing
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -728,8 +729,10 @@ def _model(cls: type[BaseModel], raw: Any, source: str, prefix: str) -> Any:
         key = _clip(prefix + ".".join(str(part) for part in err["loc"] if not _is_tag(part)), 80)
         got = _clip(_safe_repr(err.get("input")))
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_field_names(cls, err["loc"][:-1]))
-            raise ScenarioError(f"unknown key (accepted: {allowed})", file=source, key=key) from None
+            names = _field_names(cls, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ScenarioError(f"unknown key ({hint}accepted: {', '.join(names)})", file=source, key=key) from None
         if err["type"] == "missing":
             raise ScenarioError("missing required key", file=source, key=key) from None
         if err["type"] == "value_error":

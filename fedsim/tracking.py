@@ -55,7 +55,8 @@ def check_available(backends: list[str] | tuple[str, ...]) -> None:
             importlib.import_module(_MODULES[backend])
         except ImportError:
             raise TrackingUnavailable(
-                f"tracking with {backend} needs its extra: pip install 'fedsim[{EXTRAS[backend]}]'",
+                f"tracking with {backend} needs its extra: pip install 'fedsim[{EXTRAS[backend]}]' with the pip "
+                "of fedsim's own environment (e.g. .venv/bin/pip)",
                 key="tracking.backends",
             ) from None
 

@@ -29,7 +29,7 @@ BAD = [
     (with_change('lr = 0.1', 'lr = 0.1\nlearning_rate = 2'), "algorithm.learning_rate", "unknown key"),
     (with_change('rounds = 4', 'rounds = 0'), "rounds", ">= 1"),
     (with_change('rounds = 4', 'rounds = 4.5'), "rounds", "an integer"),
-    (with_change('rounds = 4', 'roundz = 4'), "roundz", "unknown key"),
+    (with_change('rounds = 4', 'roundz = 4'), "roundz", "unknown key (did you mean 'rounds'? accepted: "),
     (with_change('clients_per_round = 4', 'clients_per_round = 40'), "algorithm.clients_per_round", "at most"),
     (with_change('name = "fedavg"', 'name = "fedavgg"'), "algorithm.name", "did you mean 'fedavg'"),
     (with_change('dataset = "synthetic"', 'dataset = "synthetc"'), "data.dataset", "did you mean 'synthetic'"),

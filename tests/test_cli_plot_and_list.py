@@ -150,7 +150,10 @@ def test_list_summaries_are_whole_first_sentences_from_the_right_docstring(capsy
     code, out, _ = run_cli(capsys, "list", "models")
     flat = " ".join(out.split())
     assert "Built-in models" not in flat and "batch_norm:" not in flat
-    assert "logreg (no description) minilm" in flat and "mlp (no description) keys: hidden, batch_norm" in flat
+    assert "logreg Multinomial logistic regression: one linear layer on the flattened input (the FedProx paper's " \
+           "model for Synthetic data). minilm" in flat
+    assert "mlp A multilayer perceptron with ReLU: `hidden` widths, one per layer (McMahan et al.'s 2NN is " \
+           "[200, 200]). keys: hidden, batch_norm" in flat
     assert "The two-conv network of McMahan et al. (2017) for 28x28 images, width configurable." in flat
 
     code, out, _ = run_cli(capsys, "list", "topologies")

@@ -342,7 +342,7 @@ def test_an_address_where_nothing_listens_fails_fast_in_one_line(tmp_path, write
                               "--no-progress", timeout=60)
     line = one_line(err)
     assert code == 2 and took < 30 and f"127.0.0.1:{port}" in line and "system.address" in line, err
-    assert not (tmp_path / "out" / "small").exists()  # refused: no half-made folder
+    assert not (tmp_path / "out").exists()  # refused: no half-made folder, not even an empty --out
 
 
 @pytest.mark.slow

@@ -152,11 +152,13 @@ def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_point(write_scenario, t
 def test_a_missing_extra_is_one_line_naming_it(write_scenario, tmp_path, capsys, monkeypatch, backend, module):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
     out = tmp_path / "out"
-    code = main(["run", str(write_scenario()), "--out", str(out), "--no-progress", "--track", backend])
+    path = write_scenario()
+    code = main(["run", str(path), "--out", str(out), "--no-progress", "--track", backend])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip().splitlines() == [f"fedsim: error: tracking.backends: tracking with {backend} needs its extra: "
-                                        f"pip install 'fedsim[{backend}]'"]
+    assert err.strip().splitlines() == [f"fedsim: error: {path}: tracking.backends: tracking with {backend} needs its "
+                                        f"extra: pip install 'fedsim[{backend}]' with the pip of fedsim's own "
+                                        "environment (e.g. .venv/bin/pip)"]
     assert not out.exists()  # refused before anything ran
 
 
