@@ -200,7 +200,10 @@ def _output_folder_to_make(args: argparse.Namespace) -> Path | None:
     if args.command != "run" or getattr(args, "resume", None):
         return None
     out = Path(args.out)
-    return None if out.exists() else out
+    try:
+        return None if out.exists() else out
+    except OSError:  # a name the file system refuses (too long, ...): `run` says so in one line
+        return None
 
 
 def cmd_list(args: argparse.Namespace) -> int:

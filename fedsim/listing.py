@@ -129,7 +129,8 @@ def summaries(kind: str, registry: Any) -> str:
     for name in names:
         obj = registry.get(name)
         summary = one_line(obj, name) or "(no description)"
-        lines += textwrap.wrap(summary, WIDTH, initial_indent=f"  {name:<{width}}", subsequent_indent=" " * (width + 2))
+        lines += textwrap.wrap(summary, WIDTH, initial_indent=f"  {name:<{width}}", subsequent_indent=" " * (width + 2),
+                               break_on_hyphens=False)
         keys = own_keys(kind, obj)
         if kind == "algorithms":
             # needs_topology says whether the method runs on a [topology] graph; False is not a
@@ -139,7 +140,8 @@ def summaries(kind: str, registry: Any) -> str:
         else:
             text = f"keys: {', '.join(keys)}" if keys else ""
         if text:
-            lines += textwrap.wrap(text, WIDTH, initial_indent=" " * (width + 2), subsequent_indent=" " * (width + 4))
+            lines += textwrap.wrap(text, WIDTH, initial_indent=" " * (width + 2), subsequent_indent=" " * (width + 4),
+                                   break_on_hyphens=False)
     return "\n".join(lines)
 
 

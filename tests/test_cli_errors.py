@@ -46,7 +46,7 @@ BAD = [
     ("rounds = [\n", None, "not valid TOML"),
     # a key that takes a number or a table: a table's own mistake is named, not "expected a number"
     (with_change('executor = "inline"', 'compute = { dist = "lognormal", mean = 0.02, sgima = 0.5 }'),
-     "system.compute.sgima", "unknown key (accepted: dist, high, low, mean, sigma)"),
+     "system.compute.sgima", "unknown key (did you mean 'sigma'? accepted: dist, high, low, mean, sigma)"),
     (with_change('executor = "inline"', 'compute = { dist = "gamma" }'), "system.compute.dist", "one of 'fixed'"),
     (with_change('executor = "inline"', 'compute = { dist = "uniform", low = 2, high = 1 }'), "system.compute",
      "needs 0 < low < high"),
