@@ -10,7 +10,7 @@ import pytest
 
 from fedsim.cli import main
 from tests.conftest import SMALL
-from tests.test_engine_contract import CALLS, METHODS  # noqa: F401  (registers the spy rule)
+from tests.spy_rule import CALLS, METHODS  # noqa: F401  (registers the spy rule)
 
 ATTACK = '\n[adversary]\nfraction = 0.25\nbehaviour = "{behaviour}"\nscale = {scale}\n'
 SCALE = {"fedavg": -4.0, "fedbuff": -1.5, "dpsgd": -4.0}
