@@ -9,6 +9,7 @@ themselves, which `validate` loads in full.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .errors import FedsimError, ScenarioError
@@ -33,6 +34,8 @@ def preflight(
 
         # the estimate first: it is arithmetic, while a graph of a billion nodes would be built
         parts = check(spec, force=force, available=available, executor=executor, workers=workers)
+        if info is not None:
+            _model(spec, info)
         _topology(spec)
         return parts
     except FedsimError as exc:
@@ -72,6 +75,49 @@ def _data(spec: Any, load_undescribed: bool) -> Any:
     except FedsimError as exc:
         raise exc.located(key="data") from None
     return info
+
+
+def _model(spec: Any, info: Any) -> None:
+    """The model builds and gives one logit per class for this data, as the run will check: on
+    PyTorch's meta device (shapes without storage or arithmetic), or for real where a factory or a
+    layer needs real tensors (loaded weights, kernels without a meta implementation)."""
+    import numpy as np
+    import torch
+
+    from .errors import PluginError
+    from .models import build_model, check_outputs
+
+    from . import registry
+
+    s = spec.scenario
+    shape, classes = tuple(info.input_shape), int(info.num_classes)
+    try:
+        key = (registry.models.get(s.model.name), repr(sorted(s.model.options().items())), shape, classes)
+    except FedsimError as exc:
+        raise exc.located(key="model.name") from None
+    if key in _MODELS_CHECKED:  # a sweep's points mostly share their model
+        return
+    try:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (loading saved weights into shapes is a no-op there)
+                model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
+            small = sum(p.numel() for p in model.parameters()) < _REAL_CHECK_PARAMS
+        except PluginError:  # needs real tensors to be built at all
+            small = True
+        if small:  # built and run for real: milliseconds, where a forward pass on meta costs a second
+            model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
+            check_outputs(model, s.model.name, np.zeros((1, *shape), dtype=np.float32), classes)
+        else:
+            with torch.device("meta"):
+                check_outputs(model, s.model.name, torch.zeros((1, *shape)), classes)
+    except FedsimError as exc:
+        raise exc.located(key="model") from None
+    _MODELS_CHECKED.add(key)
+
+
+_MODELS_CHECKED: set[tuple[Any, ...]] = set()  # (factory, options, input shape, classes) that passed
+_REAL_CHECK_PARAMS = 50_000_000  # up to 200 MB of float32: cheap to build for real
 
 
 def _partition(spec: Any, info: Any) -> None:

@@ -72,8 +72,9 @@ def test_a_broken_factory_is_one_line_naming_it(case, write_scenario, tmp_path, 
     assert not (out / "small").exists()  # refused before it started: nothing left behind
 
 
-def test_validate_names_a_raising_topology(write_scenario, capsys):
-    text, message = CASES["topology raises"]
+@pytest.mark.parametrize("case", ["topology raises", "model raises", "model is no module", "model too narrow"])
+def test_validate_names_a_broken_factory_as_run_would(case, write_scenario, capsys):
+    text, message = CASES[case]  # validate saying ok means run starts: it builds what run builds
     path = write_scenario(text)
     assert main(["validate", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
