@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .errors import FedsimError, ScenarioError
+from .errors import FedsimError, PluginError, ScenarioError
 
 
 def preflight(
@@ -35,7 +35,7 @@ def preflight(
         # the estimate first: it is arithmetic, while a graph of a billion nodes would be built
         parts = check(spec, force=force, available=available, executor=executor, workers=workers)
         if info is not None:
-            _model(spec, info)
+            _model(spec, info, parts["model"])
         _topology(spec)
         return parts
     except FedsimError as exc:
@@ -77,17 +77,16 @@ def _data(spec: Any, load_undescribed: bool) -> Any:
     return info
 
 
-def _model(spec: Any, info: Any) -> None:
-    """The model builds and gives one logit per class for this data, as the run will check: on
-    PyTorch's meta device (shapes without storage or arithmetic), or for real where a factory or a
-    layer needs real tensors (loaded weights, kernels without a meta implementation)."""
+def _model(spec: Any, info: Any, model_bytes: int) -> None:
+    """The model builds and gives one logit per class for this data, as the run will check. A model
+    of up to `_REAL_CHECK_BYTES` (by the memory estimate's count; 0 where that is unknown) is built
+    and run for real, in milliseconds; a larger one on PyTorch's meta device (shapes without
+    storage), whose forward pass costs about a second of imports but allocates nothing."""
     import numpy as np
     import torch
 
-    from .errors import PluginError
-    from .models import build_model, check_outputs
-
     from . import registry
+    from .models import build_model, check_outputs
 
     s = spec.scenario
     shape, classes = tuple(info.input_shape), int(info.num_classes)
@@ -97,27 +96,28 @@ def _model(spec: Any, info: Any) -> None:
         raise exc.located(key="model.name") from None
     if key in _MODELS_CHECKED:  # a sweep's points mostly share their model
         return
+    def real() -> None:
+        model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
+        check_outputs(model, s.model.name, np.zeros((1, *shape), dtype=np.float32), classes)
+
     try:
-        try:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (loading saved weights into shapes is a no-op there)
-                model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
-            small = sum(p.numel() for p in model.parameters()) < _REAL_CHECK_PARAMS
-        except PluginError:  # needs real tensors to be built at all
-            small = True
-        if small:  # built and run for real: milliseconds, where a forward pass on meta costs a second
-            model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
-            check_outputs(model, s.model.name, np.zeros((1, *shape), dtype=np.float32), classes)
+        if model_bytes < _REAL_CHECK_BYTES:
+            real()
         else:
-            with torch.device("meta"):
-                check_outputs(model, s.model.name, torch.zeros((1, *shape)), classes)
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (loading saved weights into shapes is a no-op there)
+                    model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
+                    check_outputs(model, s.model.name, torch.zeros((1, *shape)), classes)
+            except PluginError:  # a factory or layer that needs real tensors: as the run will build it
+                real()
     except FedsimError as exc:
         raise exc.located(key="model") from None
     _MODELS_CHECKED.add(key)
 
 
 _MODELS_CHECKED: set[tuple[Any, ...]] = set()  # (factory, options, input shape, classes) that passed
-_REAL_CHECK_PARAMS = 50_000_000  # up to 200 MB of float32: cheap to build for real
+_REAL_CHECK_BYTES = 200 * 2**20  # one copy of the parameters: cheap to build for real below this
 
 
 def _partition(spec: Any, info: Any) -> None:

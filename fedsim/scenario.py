@@ -9,11 +9,11 @@ failure becomes one `ScenarioError` naming the file, the dotted key and what was
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import itertools
 import math
 import tomllib
-import difflib
 import typing
 from contextvars import ContextVar
 from dataclasses import dataclass
