@@ -162,17 +162,25 @@ def build_model(name: str, options: dict[str, Any], input_shape: tuple[int, ...]
 def check_outputs(model: nn.Module, name: str, example: Any, num_classes: int) -> None:
     """Require one logit per class for one example (`example`: a batch of one, as the data holds
     it). A wrong width would otherwise surface as an index error deep inside the loss or the first
-    evaluation, far from the model that caused it. Run in eval mode, so that batch normalisation
-    neither fails on one example nor updates its statistics."""
+    evaluation, far from the model that caused it."""
+    require_logits(output_of_one(model, name, example), name, num_classes)
+
+
+def output_of_one(model: nn.Module, name: str, example: Any) -> Any:
+    """The model's output for one example, in eval mode, so that batch normalisation neither fails
+    on one example nor updates its statistics; what the forward pass raises, as a PluginError."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.as_tensor(example))
+            return model(torch.as_tensor(example))
     except Exception as exc:
         raise PluginError(f"model '{name}' raised {exc!r} on one example of shape {tuple(example.shape[1:])}") from exc
     finally:
         model.train(was_training)
+
+
+def require_logits(out: Any, name: str, num_classes: int) -> None:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise PluginError(f"model '{name}' returned {got} for one example; expected a tensor of shape "

@@ -86,7 +86,7 @@ def _model(spec: Any, info: Any, model_bytes: int) -> None:
     import torch
 
     from . import registry
-    from .models import build_model, check_outputs
+    from .models import build_model, check_outputs, output_of_one, require_logits
 
     s = spec.scenario
     shape, classes = tuple(info.input_shape), int(info.num_classes)
@@ -108,9 +108,11 @@ def _model(spec: Any, info: Any, model_bytes: int) -> None:
                 with torch.device("meta"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # (loading saved weights into shapes is a no-op there)
                     model = build_model(s.model.name, s.model.options(), shape, classes, s.seed)
-                    check_outputs(model, s.model.name, torch.zeros((1, *shape)), classes)
+                    out = output_of_one(model, s.model.name, torch.zeros((1, *shape)))
             except PluginError:  # a factory or layer that needs real tensors: as the run will build it
                 real()
+            else:
+                require_logits(out, s.model.name, classes)
     except FedsimError as exc:
         raise exc.located(key="model") from None
     _MODELS_CHECKED.add(key)

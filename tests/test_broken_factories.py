@@ -3,8 +3,9 @@ line (exit code 1), with no traceback and no run folder left behind; `validate` 
 
 from __future__ import annotations
 
+import math
+
 import pytest
-import torch
 from torch import nn
 
 from fedsim import LocalSGDConfig, register_algorithm, register_dataset, register_model, register_topology
@@ -29,7 +30,7 @@ def _string_model(input_shape, num_classes):
 
 @register_model("test_narrow_model")
 def _narrow_model(input_shape, num_classes):
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), 3))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 3))
 
 
 @register_algorithm("test_raising_build")
@@ -79,3 +80,22 @@ def test_validate_names_a_broken_factory_as_run_would(case, write_scenario, caps
     assert main(["validate", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("case", ["model too narrow", "model raises"])
+def test_validate_checks_a_large_model_on_the_meta_device(case, write_scenario, capsys, monkeypatch):
+    from fedsim import preflight
+
+    import fedsim.models as models
+
+    built = []  # the device of every model run on one example
+    original = models.output_of_one
+    monkeypatch.setattr(models, "output_of_one", lambda m, *a: built.append(next(m.parameters()).device.type) or original(m, *a))
+    monkeypatch.setattr(preflight, "_REAL_CHECK_BYTES", 0)  # every model counts as large
+    monkeypatch.setattr(preflight, "_MODELS_CHECKED", set())
+    text, message = CASES[case]
+    assert main(["validate", str(write_scenario(text))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    if case == "model too narrow":
+        assert built == ["meta"]  # nothing allocated
